@@ -1,0 +1,771 @@
+"""The Kite simulator over loopback, with a real websockets client, and its market model."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
+
+from bridge.kite.codec import decode_frame, encode_packet
+from bridge.kite.records import (
+    FullTick,
+    IndexFullTick,
+    IndexQuoteTick,
+    LtpTick,
+    Mode,
+    QuoteTick,
+    Tick,
+)
+from bridge.simulator import HEARTBEAT, Market, Simulator
+from bridge.simulator.market import (
+    DERIVATIVE_SEGMENTS,
+    divisor_of,
+    is_index,
+    segment_of,
+    tick_size_of,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+INFY, RELIANCE, NIFTY, BANKNIFTY = 408065, 738561, 256265, 260105
+USDINR_CDS, BCD, NFO = 412675, 1001222, 12517890
+CONNECT_QUERY = "/?api_key=key1&access_token=token1"
+#: Packet length per (is index, mode): kite-protocol §3.2.
+LENGTHS = {
+    (False, "ltp"): 8,
+    (False, "quote"): 44,
+    (False, "full"): 184,
+    (True, "ltp"): 8,
+    (True, "quote"): 28,
+    (True, "full"): 32,
+}
+RECORD_TYPES: dict[tuple[bool, str], type[Tick]] = {
+    (False, "ltp"): LtpTick,
+    (False, "quote"): QuoteTick,
+    (False, "full"): FullTick,
+    (True, "ltp"): LtpTick,
+    (True, "quote"): IndexQuoteTick,
+    (True, "full"): IndexFullTick,
+}
+
+
+@asynccontextmanager
+async def simulator(**options: Any) -> AsyncIterator[Simulator]:
+    options.setdefault("tick_interval", 0.02)
+    options.setdefault("heartbeat_interval", 0.05)
+    options.setdefault("seed", 7)
+    async with Simulator(**options) as sim:
+        yield sim
+
+
+@asynccontextmanager
+async def client(sim: Simulator, query: str = CONNECT_QUERY) -> AsyncIterator[ClientConnection]:
+    async with connect(sim.url + query, open_timeout=2, close_timeout=1) as ws:
+        yield ws
+
+
+async def recv(ws: ClientConnection, within: float = 2.0) -> str | bytes:
+    async with asyncio.timeout(within):
+        return await ws.recv()
+
+
+async def next_ticks(ws: ClientConnection, within: float = 2.0) -> list[Tick]:
+    """The next frame that carries ticks (heartbeats and text skipped)."""
+    async with asyncio.timeout(within):
+        while True:
+            message = await ws.recv()
+            if isinstance(message, bytes) and len(message) > 1:
+                return decode_frame(message)
+
+
+async def next_text(ws: ClientConnection, within: float = 2.0) -> dict[str, Any]:
+    async with asyncio.timeout(within):
+        while True:
+            message = await ws.recv()
+            if isinstance(message, str):
+                parsed: dict[str, Any] = json.loads(message)
+                return parsed
+
+
+async def ticks_matching(ws: ClientConnection, predicate: Any, within: float = 2.0) -> list[Tick]:
+    """Frames until one satisfies ``predicate`` (subscription changes apply asynchronously)."""
+    async with asyncio.timeout(within):
+        while True:
+            ticks = await next_ticks(ws)
+            if predicate(ticks):
+                return ticks
+
+
+async def closed_by_server(ws: ClientConnection) -> ConnectionClosed:
+    async with asyncio.timeout(2):
+        while True:
+            try:
+                await ws.recv()
+            except ConnectionClosed as exc:
+                return exc
+
+
+def packet_lengths(frame: bytes) -> list[int]:
+    count = int.from_bytes(frame[:2], "big")
+    lengths, offset = [], 2
+    for _ in range(count):
+        length = int.from_bytes(frame[offset : offset + 2], "big")
+        lengths.append(length)
+        offset += 2 + length
+    assert offset == len(frame)
+    return lengths
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+async def test_good_access_token_gets_ticks_and_is_recorded() -> None:
+    async with (
+        simulator(access_tokens={"token1"}, api_keys={"key1"}) as sim,
+        client(sim) as ws,
+    ):
+        await ws.send(json.dumps({"a": "subscribe", "v": [INFY]}))
+        ticks = await next_ticks(ws)
+        assert [tick.instrument_token for tick in ticks] == [INFY]
+        record = sim.handshakes[-1]
+        assert record.status == 101
+        assert record.params["access_token"] == "token1"
+        assert record.connection_id in sim.connections
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "/?api_key=key1&access_token=wrong",
+        "/?api_key=other&access_token=token1",
+        "/?access_token=token1",
+        "/?api_key=key1",
+        "/?api_key=key1&access_token=",
+    ],
+)
+async def test_bad_credentials_get_403_without_upgrade(query: str) -> None:
+    async with simulator(access_tokens={"token1"}, api_keys={"key1"}) as sim:
+        with pytest.raises(InvalidStatus) as caught:
+            await connect(sim.url + query, open_timeout=2)
+        assert caught.value.response.status_code == 403
+        assert [h.status for h in sim.handshakes] == [403]
+        assert sim.connections == {}
+
+
+async def test_any_non_empty_token_is_accepted_by_default() -> None:
+    async with simulator() as sim, client(sim, "/?api_key=x&access_token=y&uid=1"):
+        assert sim.handshakes[-1].status == 101
+
+
+@pytest.mark.parametrize("path", ["", "/"])
+async def test_root_path_with_or_without_slash(path: str) -> None:
+    # (The websockets client itself normalises an empty path to "/".)
+    async with simulator() as sim, client(sim, path + "?api_key=k&access_token=t"):
+        assert sim.handshakes[-1].status == 101
+
+
+async def test_other_paths_are_not_found() -> None:
+    async with simulator() as sim:
+        with pytest.raises(InvalidStatus) as caught:
+            await connect(sim.url + "/ws?api_key=k&access_token=t", open_timeout=2)
+        assert caught.value.response.status_code == 404
+
+
+@pytest.mark.parametrize(
+    "query", ["/?api_key=kitefront&user_id=AB1234", "/?api_key=kitefront&enctoken=abc"]
+)
+async def test_malformed_kite_web_query_gets_400(query: str) -> None:
+    async with simulator() as sim:
+        with pytest.raises(InvalidStatus) as caught:
+            await connect(sim.url + query, open_timeout=2)
+        assert caught.value.response.status_code == 400
+
+
+async def test_enctoken_must_be_percent_encoded() -> None:
+    enctoken = "ab+c/d=="
+    async with simulator(enctokens={"AB1234": enctoken}) as sim:
+        base = "/?api_key=kitefront&user_id=AB1234&enctoken="
+        tail = "&agent=kite3-web&version=3.0.0"
+        # aiohttp/yarl encoding (+ and = escaped, / kept) is accepted ...
+        async with client(sim, base + quote(enctoken, safe="/") + tail) as ws:
+            await ws.send(json.dumps({"a": "mode", "v": ["ltp", [INFY]]}))
+            assert [t.instrument_token for t in await next_ticks(ws)] == [INFY]
+        # ... a raw "+" decodes to a space and no longer matches.
+        with pytest.raises(InvalidStatus) as caught:
+            await connect(sim.url + base + enctoken + tail, open_timeout=2)
+        assert caught.value.response.status_code == 403
+        with pytest.raises(InvalidStatus):
+            await connect(
+                sim.url + "/?api_key=kitefront&user_id=ZZ9999&enctoken=" + quote(enctoken),
+                open_timeout=2,
+            )
+        assert [h.status for h in sim.handshakes] == [101, 403, 403]
+
+
+async def test_reject_next_answers_the_next_handshakes_then_recovers() -> None:
+    async with simulator() as sim:
+        sim.reject_next(2, status=503)
+        for _ in range(2):
+            with pytest.raises(InvalidStatus) as caught:
+                await connect(sim.url + CONNECT_QUERY, open_timeout=2)
+            assert caught.value.response.status_code == 503
+        async with client(sim):
+            assert [h.status for h in sim.handshakes] == [503, 503, 101]
+
+
+@pytest.mark.parametrize("status", [101, 200 - 1, 999])
+def test_reject_next_refuses_impossible_statuses(status: int) -> None:
+    with pytest.raises(ValueError, match="status"):
+        Simulator().reject_next(1, status)
+
+
+async def test_expire_token_forbids_later_handshakes_only_for_that_token() -> None:
+    async with simulator() as sim:
+        async with client(sim, "/?api_key=k&access_token=old") as ws:
+            sim.expire_token("old")
+            await ws.send(json.dumps({"a": "subscribe", "v": [INFY]}))
+            assert await next_ticks(ws)  # the open session is not cut
+        for _ in range(2):
+            with pytest.raises(InvalidStatus) as caught:
+                await connect(sim.url + "/?api_key=k&access_token=old", open_timeout=2)
+            assert caught.value.response.status_code == 403
+        sim.expire_token("enc")
+        with pytest.raises(InvalidStatus):
+            await connect(sim.url + "/?api_key=kitefront&user_id=U&enctoken=enc", open_timeout=2)
+        async with client(sim, "/?api_key=k&access_token=new"):
+            assert sim.handshakes[-1].status == 101
+
+
+# -- client messages ---------------------------------------------------------------------------
+
+
+async def test_subscribe_defaults_to_quote_in_any_key_order() -> None:
+    async with simulator() as sim, client(sim) as ws:
+        await ws.send('{ "v" : [ 408065 , 256265 ] ,\n "a" : "subscribe" }')
+        frame = await recv_tick_frame(ws)
+        assert packet_lengths(frame) == [44, 28]
+        assert [(t.instrument_token, t.mode) for t in decode_frame(frame)] == [
+            (INFY, "quote"),
+            (NIFTY, "quote"),
+        ]
+        assert sim.subscriptions() == {INFY: "quote", NIFTY: "quote"}
+
+
+async def recv_tick_frame(ws: ClientConnection, within: float = 2.0) -> bytes:
+    async with asyncio.timeout(within):
+        while True:
+            message = await ws.recv()
+            if isinstance(message, bytes) and len(message) > 1:
+                return message
+
+
+@pytest.mark.parametrize("mode", ["ltp", "quote", "full"])
+async def test_mode_sets_packet_lengths_and_implicitly_subscribes(mode: Mode) -> None:
+    tokens = [INFY, NIFTY, USDINR_CDS, BCD]
+    async with simulator() as sim, client(sim) as ws:
+        await ws.send(json.dumps({"v": [mode, tokens], "a": "mode"}))
+        frame = await recv_tick_frame(ws)
+        expected = [LENGTHS[(is_index(token), mode)] for token in tokens]
+        assert packet_lengths(frame) == expected
+        ticks = decode_frame(frame)
+        assert [type(t) for t in ticks] == [RECORD_TYPES[(is_index(t), mode)] for t in tokens]
+        assert all(t.mode == mode for t in ticks)
+        assert sim.subscriptions() == dict.fromkeys(tokens, mode)
+
+
+async def test_resubscribe_resets_mode_to_quote_and_unsubscribe_stops_ticks() -> None:
+    async with simulator() as sim, client(sim) as ws:
+        await ws.send(json.dumps({"a": "mode", "v": ["full", [INFY, RELIANCE]]}))
+        await ticks_matching(ws, lambda ts: {t.mode for t in ts} == {"full"})
+        await ws.send(json.dumps({"a": "subscribe", "v": [INFY]}))
+        ticks = await ticks_matching(ws, lambda ts: ts[0].mode == "quote")
+        assert [(t.instrument_token, t.mode) for t in ticks] == [
+            (INFY, "quote"),
+            (RELIANCE, "full"),
+        ]
+        await ws.send(json.dumps({"a": "unsubscribe", "v": [INFY, 999]}))  # 999: never subscribed
+        ticks = await ticks_matching(ws, lambda ts: len(ts) == 1)
+        assert [t.instrument_token for t in ticks] == [RELIANCE]
+        assert sim.subscriptions() == {RELIANCE: "full"}
+
+
+async def test_received_messages_are_recorded_in_order_per_connection() -> None:
+    first = {"a": "subscribe", "v": [INFY]}
+    second = {"v": ["ltp", [INFY]], "a": "mode"}
+    async with simulator() as sim, client(sim) as ws:
+        await ws.send(json.dumps(first))
+        await ws.send(json.dumps(second))
+        await sim.wait_for(lambda: len(sim.received) == 2)
+        connection_id = sim.handshakes[-1].connection_id
+        assert sim.received == [(connection_id, first), (connection_id, second)]
+
+
+async def test_empty_token_lists_are_accepted_silently() -> None:
+    async with simulator() as sim, client(sim) as ws:
+        await ws.send(json.dumps({"a": "subscribe", "v": []}))
+        await ws.send(json.dumps({"a": "mode", "v": ["full", []]}))
+        assert await recv(ws) == HEARTBEAT  # no error frame before the idle heartbeat
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "not json",
+        "[1, 2]",
+        '{"a": "subscribe"}',
+        '{"v": [1]}',
+        '{"a": "resubscribe", "v": [1]}',
+        '{"a": "subscribe", "v": 408065}',
+        '{"a": "subscribe", "v": ["408065"]}',
+        '{"a": "subscribe", "v": [-1]}',
+        '{"a": "subscribe", "v": [4294967296]}',
+        '{"a": "subscribe", "v": [true]}',
+        '{"a": "mode", "v": ["bogus", [408065]]}',
+        '{"a": "mode", "v": ["full"]}',
+        b'{"a": "subscribe", "v": [408065]}',
+    ],
+)
+async def test_malformed_messages_get_an_error_frame_and_change_nothing(
+    message: str | bytes,
+) -> None:
+    async with simulator() as sim, client(sim) as ws:
+        await ws.send(message)
+        reply = await next_text(ws)
+        assert reply["type"] == "error"
+        assert isinstance(reply["data"], str)
+        assert reply["data"]
+        assert sim.subscriptions() == {}
+        # The connection survives and still works.
+        await ws.send(json.dumps({"a": "subscribe", "v": [INFY]}))
+        assert [t.instrument_token for t in await next_ticks(ws)] == [INFY]
+
+
+async def test_token_limit_counts_duplicates_and_drops_the_excess() -> None:
+    async with simulator(max_tokens=3000, tick_interval=60) as sim, client(sim) as ws:
+        tokens = list(range(1_000_001, 1_000_001 + 2999))
+        await ws.send(json.dumps({"a": "subscribe", "v": tokens}))
+        await sim.wait_for(lambda: len(sim.subscriptions()) == 2999)
+        # One more distinct token fits; its duplicate and the next token do not.
+        await ws.send(json.dumps({"a": "subscribe", "v": [INFY, INFY, RELIANCE]}))
+        error = await next_text(ws)
+        assert error["type"] == "error"
+        assert "max tokens" in error["data"]
+        state = next(iter(sim.connections.values()))
+        assert state.subscribed_count == 3000
+        assert INFY in state.subscriptions
+        assert RELIANCE not in state.subscriptions
+        # Changing the mode of subscribed tokens is not a new subscription.
+        await ws.send(json.dumps({"a": "mode", "v": ["ltp", [INFY]]}))
+        await sim.wait_for(lambda: sim.subscriptions()[INFY] == "ltp")
+        await ws.send(json.dumps({"a": "mode", "v": ["ltp", [RELIANCE]]}))
+        assert (await next_text(ws))["type"] == "error"
+        assert RELIANCE not in sim.subscriptions()
+
+
+async def test_unsubscribe_frees_capacity() -> None:
+    async with simulator(max_tokens=2) as sim, client(sim) as ws:
+        await ws.send(json.dumps({"a": "subscribe", "v": [INFY, INFY]}))
+        await ws.send(json.dumps({"a": "subscribe", "v": [RELIANCE]}))
+        assert (await next_text(ws))["type"] == "error"
+        await ws.send(json.dumps({"a": "unsubscribe", "v": [INFY]}))
+        await ws.send(json.dumps({"a": "subscribe", "v": [RELIANCE]}))
+        await sim.wait_for(lambda: sim.subscriptions() == {RELIANCE: "quote"})
+
+
+# -- server messages -----------------------------------------------------------------------------
+
+
+async def test_heartbeat_when_nothing_is_subscribed() -> None:
+    async with simulator(heartbeat_interval=0.05) as sim, client(sim) as ws:
+        for _ in range(3):
+            message = await recv(ws, within=1)
+            assert message == HEARTBEAT
+            assert decode_frame(message) == []
+        assert next(iter(sim.connections.values())).heartbeats_sent >= 3
+
+
+async def test_no_heartbeats_while_ticks_flow() -> None:
+    async with (
+        simulator(tick_interval=0.01, heartbeat_interval=0.05) as sim,
+        client(sim) as ws,
+    ):
+        await ws.send(json.dumps({"a": "subscribe", "v": [INFY]}))
+        await next_ticks(ws)
+        messages = [await recv(ws) for _ in range(20)]
+        assert HEARTBEAT not in messages
+
+
+async def test_order_update_text_frames() -> None:
+    async with simulator() as sim, client(sim) as ws:
+        await sim.wait_for(lambda: bool(sim.connections))
+        await sim.send_order()
+        order = await next_text(ws)
+        assert order["type"] == "order"
+        for key in ("order_id", "status", "tradingsymbol", "instrument_token", "order_timestamp"):
+            assert key in order["data"]
+        await sim.send_order({"order_id": "1", "status": "REJECTED"})
+        assert await next_text(ws) == {
+            "type": "order",
+            "data": {"order_id": "1", "status": "REJECTED"},
+        }
+
+
+async def test_raw_text_and_binary_frames_reach_every_connection() -> None:
+    async with simulator(heartbeat_interval=10) as sim, client(sim) as a, client(sim) as b:
+        await sim.wait_for(lambda: len(sim.connections) == 2)
+        await sim.send_text('{"type":"message","data":"hello"}')
+        await sim.send_binary(b"\x00\x01\x00\x03abc")
+        for ws in (a, b):
+            assert await recv(ws) == '{"type":"message","data":"hello"}'
+            assert await recv(ws) == b"\x00\x01\x00\x03abc"
+
+
+async def test_set_tick_interval_takes_effect() -> None:
+    async with simulator(tick_interval=30, heartbeat_interval=30) as sim, client(sim) as ws:
+        await ws.send(json.dumps({"a": "subscribe", "v": [INFY]}))
+        await next_ticks(ws)  # the immediate snapshot after subscribing
+        with pytest.raises(TimeoutError):
+            await next_ticks(ws, within=0.2)
+        sim.set_tick_interval(0.01)
+        for _ in range(3):
+            await next_ticks(ws, within=1)
+
+
+# -- faults -----------------------------------------------------------------------------------
+
+
+async def test_drop_is_an_abnormal_closure_for_the_client() -> None:
+    async with simulator() as sim:
+        ws = await connect(sim.url + CONNECT_QUERY, open_timeout=2)
+        await sim.wait_for(lambda: bool(sim.connections))
+        await sim.drop()
+        assert isinstance(await closed_by_server(ws), ConnectionClosedError)
+        assert ws.close_code == 1006
+        assert sim.connections == {}
+
+
+async def test_close_sends_a_close_frame_with_the_code() -> None:
+    async with simulator() as sim, client(sim) as ws:
+        await sim.wait_for(lambda: bool(sim.connections))
+        await sim.close(1011, "maintenance")
+        await closed_by_server(ws)
+        assert ws.close_code == 1011
+        assert ws.close_reason == "maintenance"
+
+
+async def test_stall_sends_nothing_not_even_pongs_until_resumed() -> None:
+    async with (
+        simulator(tick_interval=0.01, heartbeat_interval=0.02) as sim,
+        client(sim) as ws,
+    ):
+        await ws.send(json.dumps({"a": "subscribe", "v": [INFY]}))
+        await next_ticks(ws)
+        sim.stall()
+        # Drain what was in flight, then silence.
+        async with asyncio.timeout(1):
+            while True:
+                try:
+                    await recv(ws, within=0.15)
+                except TimeoutError:
+                    break
+        pong = await ws.ping()
+        await ws.send(json.dumps({"a": "mode", "v": ["full", [INFY]]}))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(pong), 0.2)
+        sim.stall(False)
+        async with asyncio.timeout(2):
+            await pong
+        ticks = await ticks_matching(ws, lambda ts: ts[0].mode == "full")
+        assert ticks[0].instrument_token == INFY
+
+
+async def test_connections_opened_while_stalled_stay_silent() -> None:
+    async with simulator(heartbeat_interval=0.02) as sim:
+        sim.stall()
+        async with client(sim) as ws:
+            with pytest.raises(TimeoutError):
+                await recv(ws, within=0.2)
+            sim.stall(False)
+            assert await recv(ws) == HEARTBEAT
+
+
+async def test_state_is_forgotten_on_reconnect() -> None:
+    async with simulator() as sim:
+        async with client(sim) as ws:
+            await ws.send(json.dumps({"a": "mode", "v": ["full", [INFY]]}))
+            await next_ticks(ws)
+            assert sim.subscriptions() == {INFY: "full"}
+        await sim.wait_for(lambda: not sim.connections)
+        assert sim.subscriptions() == {}
+        async with client(sim) as ws:
+            assert await recv(ws) == HEARTBEAT
+            assert sim.subscriptions() == {}
+
+
+async def test_connections_have_independent_subscriptions() -> None:
+    async with simulator() as sim, client(sim) as a, client(sim) as b:
+        await a.send(json.dumps({"a": "subscribe", "v": [INFY]}))
+        await b.send(json.dumps({"a": "mode", "v": ["ltp", [NIFTY]]}))
+        assert [(t.instrument_token, t.mode) for t in await next_ticks(a)] == [(INFY, "quote")]
+        assert [(t.instrument_token, t.mode) for t in await next_ticks(b)] == [(NIFTY, "ltp")]
+        assert sim.subscriptions() == {NIFTY: "ltp"}  # the most recent connection
+
+
+async def test_wait_for_times_out() -> None:
+    async with simulator() as sim:
+        with pytest.raises(TimeoutError):
+            await sim.wait_for(lambda: False, timeout=0.05)
+
+
+# -- firehose ---------------------------------------------------------------------------------
+
+
+async def test_firehose_frames_carry_their_number_and_report_send_times() -> None:
+    sent: list[tuple[int, int, tuple[int, ...]]] = []
+    tokens = [INFY, RELIANCE, NIFTY, NFO, BCD]
+    async with (
+        simulator(
+            firehose=True,
+            packets_per_frame=3,
+            on_frame_sent=lambda n, ns, toks: sent.append((n, ns, toks)),
+        ) as sim,
+        client(sim) as ws,
+    ):
+        await ws.send(json.dumps({"a": "mode", "v": ["full", tokens]}))
+        frames = [await next_ticks(ws) for _ in range(30)]
+    assert all(len(frame) == 3 for frame in frames)
+    by_number = {number: (ns, toks) for number, ns, toks in sent}
+    seen: list[int] = []
+    for frame in frames:
+        numbers = {t.volume_traded for t in frame if isinstance(t, FullTick)}
+        assert len(numbers) == 1  # every quote/full packet of a frame carries the same number
+        number = numbers.pop()
+        assert by_number[number][1] == tuple(t.instrument_token for t in frame)
+        seen.append(number)
+    assert seen == sorted(seen)
+    assert len(set(seen)) == len(seen)
+    # Round robin over the subscription list, wrapping around.
+    order = [t.instrument_token for frame in frames[-10:] for t in frame]
+    start = tokens.index(order[0])
+    assert order == [tokens[(start + i) % len(tokens)] for i in range(len(order))]
+
+
+async def test_firehose_respects_frames_per_second() -> None:
+    async with (
+        simulator(firehose=True, frames_per_second=20) as sim,
+        client(sim) as ws,
+    ):
+        await ws.send(json.dumps({"a": "subscribe", "v": [INFY]}))
+        await next_ticks(ws)
+        with pytest.raises(TimeoutError):
+            await next_ticks(ws, within=0.01)  # paced at 50 ms, not back to back
+        await next_ticks(ws, within=1)
+        assert sim.connections
+
+
+async def test_big_subscriptions_are_split_into_frames() -> None:
+    tokens = list(range(2_000_001, 2_000_001 + 25))
+    async with simulator(packets_per_frame=10, tick_interval=60) as sim, client(sim) as ws:
+        await ws.send(json.dumps({"a": "subscribe", "v": tokens}))
+        frames = [await next_ticks(ws) for _ in range(3)]
+        assert [len(frame) for frame in frames] == [10, 10, 5]
+        assert [t.instrument_token for f in frames for t in f] == tokens
+        assert sim.connections
+
+
+# -- market model -------------------------------------------------------------------------------
+
+MARKET_TOKENS = [INFY, RELIANCE, NIFTY, BANKNIFTY, USDINR_CDS, BCD, NFO, 3_001_007, 4_000_012]
+
+
+def check_invariants(market: Market, token: int) -> None:
+    inst = market.instrument(token)
+    tick = inst.tick
+    prices = [inst.ltp, inst.open, inst.high, inst.low, inst.close]
+    prices += [p for _, p, _ in inst.bids + inst.asks]
+    assert all(p % tick == 0 and 0 < p < 2**31 for p in prices)
+    assert inst.high >= max(inst.open, inst.ltp)
+    assert inst.low <= min(inst.open, inst.ltp)
+    assert 0.79 * inst.close <= inst.ltp <= 1.21 * inst.close
+    full = market.tick(token, "full")
+    assert full.last_price == inst.ltp / divisor_of(token)
+    assert encode_packet(full)  # every value fits the wire
+    if is_index(token):
+        assert isinstance(full, IndexFullTick)
+        assert not full.tradable
+        assert inst.volume == 0
+        return
+    assert isinstance(full, FullTick)
+    bids, asks = full.depth.buy, full.depth.sell
+    assert len(bids) == len(asks) == 5
+    assert all(a.price > b.price for a, b in itertools.pairwise(bids))
+    assert all(a.price < b.price for a, b in itertools.pairwise(asks))
+    assert bids[0].price <= full.last_price <= asks[0].price
+    assert bids[0].price < asks[0].price
+    assert all(0 < level.orders <= level.quantity for level in bids + asks)
+    assert 0 < full.volume_traded < 2**31
+    assert full.last_traded_quantity > 0
+    # VWAP of trades between the day's extremes, plus the seeded opening volume (priced
+    # between open and the previous close); floor division may shave one raw unit.
+    assert min(inst.low, inst.close) - 1 <= inst.average_price <= max(inst.high, inst.close)
+    if segment_of(token) in DERIVATIVE_SEGMENTS:
+        assert full.oi_day_low <= full.oi <= full.oi_day_high
+        assert full.oi > 0
+    else:
+        assert full.oi == full.oi_day_high == full.oi_day_low == 0
+
+
+def test_market_invariants_hold_over_many_steps() -> None:
+    market = Market(seed=1)
+    now = 1_718_176_569.0
+    volumes: dict[int, int] = {}
+    for step in range(400):
+        for token in MARKET_TOKENS:
+            market.step(token, now + step)
+            check_invariants(market, token)
+            inst = market.instrument(token)
+            assert inst.volume >= volumes.get(token, 0)
+            volumes[token] = inst.volume
+            assert inst.exchange_timestamp == int(now + step)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    token=st.integers(min_value=0, max_value=2**32 - 1),
+    seed=st.integers(min_value=0, max_value=2**64),
+    steps=st.integers(min_value=0, max_value=60),
+)
+def test_market_invariants_for_any_token(token: int, seed: int, steps: int) -> None:
+    market = Market(seed=seed)
+    for step in range(steps):
+        market.step(token, 1_700_000_000 + step)
+    check_invariants(market, token)
+
+
+@pytest.mark.parametrize(
+    ("token", "divisor", "tick"),
+    [(INFY, 100, 5), (NIFTY, 100, 5), (USDINR_CDS, 10**7, 25_000), (BCD, 10**4, 25)],
+)
+def test_segment_divisors_and_tick_sizes(token: int, divisor: int, tick: int) -> None:
+    assert (divisor_of(token), tick_size_of(token)) == (divisor, tick)
+    market = Market(seed=3)
+    for _ in range(50):
+        inst = market.step(token, 1_700_000_000)
+        raw = round(market.tick(token, "ltp").last_price * divisor)
+        assert raw % tick == 0
+        assert raw == inst.ltp
+
+
+def test_market_ticks_round_trip_through_the_codec() -> None:
+    market = Market(seed=5)
+    for token in MARKET_TOKENS:
+        market.step(token, 1_718_176_569)
+        for mode in ("ltp", "quote", "full"):
+            tick = market.tick(token, mode)
+            packet = encode_packet(tick)
+            assert len(packet) == LENGTHS[(is_index(token), mode)]
+            frame = len(packet).to_bytes(2, "big")
+            assert decode_frame(b"\x00\x01" + frame + packet) == [tick]
+
+
+def test_market_is_reproducible_per_token_whatever_else_is_traded() -> None:
+    def walk(seed: int, tokens: list[int]) -> list[float]:
+        market = Market(seed=seed)
+        prices = []
+        for step in range(30):
+            for token in tokens:
+                market.step(token, 1_700_000_000 + step)
+            prices.append(market.tick(INFY, "ltp").last_price)
+        return prices
+
+    assert walk(9, [INFY]) == walk(9, [NIFTY, INFY, RELIANCE])
+    assert walk(9, [INFY]) != walk(10, [INFY])
+    assert len(set(walk(9, [INFY]))) > 5  # it does move
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def cli_process(*args: str) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge.simulator", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def connect_when_up(url: str) -> ClientConnection:
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                return await connect(url, open_timeout=2)
+            except OSError:
+                await asyncio.sleep(0.05)
+
+
+async def test_cli_serves_rejects_and_stops_cleanly_on_sigterm() -> None:
+    port = free_port()
+    secret = "s3cret-access-token"
+    with cli_process(
+        "--port",
+        str(port),
+        "--access-token",
+        secret,
+        "--reject-first",
+        "1",
+        "--reject-status",
+        "503",
+        "--order-every",
+        "0.05",
+    ) as proc:
+        url = f"ws://127.0.0.1:{port}/?api_key=k&access_token={secret}"
+        with pytest.raises(InvalidStatus) as caught:
+            await connect_when_up(url)
+        assert caught.value.response.status_code == 503
+        ws = await connect_when_up(url)
+        assert (await next_text(ws))["type"] == "order"
+        await ws.close()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.to_thread(proc.communicate, timeout=10)
+    assert proc.returncode == 0
+    assert secret.encode() not in output
+    assert b"simulator ready" in output
+
+
+def test_cli_rejects_enctoken_without_echoing_it() -> None:
+    with cli_process("--enctoken", "no-colon-secret") as proc:
+        output, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 2
+    assert b"USER_ID:ENCTOKEN" in output
+    assert b"no-colon-secret" not in output
