@@ -1,0 +1,7 @@
+"""``python -m bridge``: the same as the ``bridge`` console script."""
+
+from __future__ import annotations
+
+from bridge.cli import main
+
+raise SystemExit(main())

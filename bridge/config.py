@@ -1,0 +1,389 @@
+"""Settings (CONTRACT §1): init overrides > environment > ``.env`` > TOML file > defaults.
+
+Environment names are exact: ``KITE_*`` and ``REDIS_URL`` as the Kite and Redis ecosystems
+spell them, every other setting ``BRIDGE_<FIELD>``. TOML keys are the field names, at the top
+level of the file (no ``[bridge]`` table).
+
+The environment and ``.env`` are read by a small source of our own rather than through
+validation aliases: with aliases, pydantic-settings either ignores field names in the TOML file
+and init kwargs, or (``validate_by_name``) also reads bare ``LOG_LEVEL``/``NAMESPACE`` from the
+environment, which would let unrelated variables of a container configure the bridge.
+
+Unknown keys in the TOML file are errors. Unknown ``BRIDGE_*`` variables are errors only when
+they look like a typo of a real one (``BRIDGE_MAX_RETRY``); others are left alone, since tools
+around the bridge may use the prefix too. Every error becomes one :class:`ConfigError` line
+naming the setting; secret values never appear in it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Final, Literal, cast
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from bridge.commands import MAX_TOKENS, CommandError, parse_mode, parse_token
+from bridge.kite.records import Mode
+from bridge.logs import LOG_LEVELS, redact_text
+
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_CONFIG_FILE",
+    "ENV_NAMES",
+    "ConfigError",
+    "Settings",
+    "load_settings",
+    "parse_subscribe",
+]
+
+#: Environment variable naming the TOML file.
+CONFIG_ENV: Final = "BRIDGE_CONFIG"
+#: Read when it exists and nothing else names a file; relative to the working directory.
+DEFAULT_CONFIG_FILE: Final = Path("config/bridge.toml")
+DOTENV_FILE: Final = Path(".env")
+_SECRET_FIELDS: Final = frozenset({"kite_access_token", "kite_enctoken"})
+_URL_SCHEMES: Final = {
+    "redis_url": ("redis", "rediss", "unix"),
+    "kite_ws_url": ("ws", "wss"),
+}
+
+
+class ConfigError(Exception):
+    """Invalid configuration. ``str()`` is one line naming the setting and what is wrong."""
+
+
+class Settings(BaseSettings):
+    """The bridge's settings; build them with :func:`load_settings`.
+
+    ``Settings(**fields)`` works too (tests do it); it reads the same sources.
+    """
+
+    model_config = SettingsConfigDict(extra="forbid", validate_default=True)
+
+    # Kite credentials (CONTRACT §1).
+    kite_api_key: str = "kitefront"
+    kite_access_token: SecretStr | None = None
+    kite_user_id: str | None = None
+    kite_enctoken: SecretStr | None = None
+    #: ``None``: the feed picks ``wss://ws.kite.trade`` or ``wss://ws.zerodha.com`` by flavour.
+    kite_ws_url: str | None = None
+    redis_url: str = "redis://localhost:6379/0"
+    namespace: str = "kite"
+    default_mode: Mode = "quote"
+    #: token -> mode, merged into the stored set at start-up.
+    subscribe: dict[int, Mode] = Field(default_factory=dict)
+    max_retries: int = Field(default=50, ge=0)
+    base_wait: float = Field(default=2.0, gt=0)
+    max_wait: float = Field(default=60.0, gt=0)
+    log_level: str = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    #: ``/healthz``, ``/readyz``, ``/metrics``; 0 disables the HTTP server.
+    http_port: int = Field(default=9100, ge=0, le=65535)
+    #: Seconds without any frame (ticks or heartbeats) before a connected feed is declared dead.
+    liveness_timeout: float = Field(default=5.0, gt=0)
+
+    _config_file: Path | None = PrivateAttr(default=None)
+
+    @property
+    def config_file(self) -> Path | None:
+        """The TOML file :func:`load_settings` read, if any."""
+        return self._config_file
+
+    @property
+    def redis_url_redacted(self) -> str:
+        """``redis_url`` with any password masked: the only form fit for logs and events."""
+        return redact_text(self.redis_url)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        dotenv = _read_dotenv()
+        toml = _LOADED_TOML.get()
+        if toml is None:  # constructed directly rather than by load_settings
+            path = _config_path(None, dotenv)
+            toml = _read_toml(path) if path else {}
+        return (
+            init_settings,
+            _MappingSource(settings_cls, _env_values(os.environ)),
+            _MappingSource(settings_cls, _env_values(dotenv)),
+            _MappingSource(settings_cls, toml),
+        )
+
+    @field_validator("kite_api_key", "namespace")
+    @classmethod
+    def _no_spaces(cls, value: str) -> str:
+        value = value.strip()
+        if not value or any(char.isspace() for char in value):
+            raise ValueError("must be non-empty and contain no spaces")
+        return value
+
+    @field_validator("kite_access_token", "kite_enctoken", "kite_user_id", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            return value or None
+        return value
+
+    @field_validator("kite_ws_url", "redis_url")
+    @classmethod
+    def _url_scheme(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        schemes = _URL_SCHEMES[cast(str, info.field_name)]
+        if urlsplit(value).scheme.lower() not in schemes:
+            expected = ", ".join(f"{scheme}://" for scheme in schemes)
+            raise ValueError(f"expected a URL starting with {expected}")
+        return value
+
+    @field_validator(
+        "max_retries", "base_wait", "max_wait", "http_port", "liveness_timeout", mode="before"
+    )
+    @classmethod
+    def _not_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would read TOML's true as 1
+            raise ValueError("expected a number")
+        return value
+
+    @field_validator("default_mode", mode="before")
+    @classmethod
+    def _mode(cls, value: Any) -> Mode:
+        return parse_mode(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> str:
+        if isinstance(value, str) and value.strip().lower() in LOG_LEVELS:
+            return value.strip().lower()
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("subscribe", mode="before")
+    @classmethod
+    def _subscribe(cls, value: Any, info: ValidationInfo) -> dict[int, Mode]:
+        default_mode = info.data.get("default_mode", "quote")
+        try:
+            return parse_subscribe(value, default_mode)
+        except CommandError as exc:
+            raise ValueError(exc.reason) from None
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Settings:
+        """The reference ``KiteFeed``'s rules, checked here so a bad start fails with exit 2."""
+        if self.max_wait < self.base_wait:
+            raise ValueError("BRIDGE_MAX_WAIT: must be at least BRIDGE_BASE_WAIT")
+        if self.kite_access_token is None and self.kite_enctoken is None:
+            raise ValueError(
+                "KITE_ACCESS_TOKEN / KITE_ENCTOKEN: no credentials; set KITE_ACCESS_TOKEN "
+                "(with KITE_API_KEY) or KITE_ENCTOKEN (with KITE_USER_ID)"
+            )
+        if self.kite_enctoken is not None and self.kite_user_id is None:
+            raise ValueError("KITE_USER_ID: required with KITE_ENCTOKEN")
+        if self.kite_access_token is not None and self.kite_api_key == "kitefront":
+            raise ValueError(
+                "KITE_API_KEY: an access token needs your Kite Connect api key; "
+                "'kitefront' is the Kite Web login, which uses KITE_ENCTOKEN"
+            )
+        return self
+
+
+#: Environment variable of every field.
+ENV_NAMES: Final[Mapping[str, str]] = {
+    name: (
+        name.upper()
+        if name.startswith("kite_") or name == "redis_url"
+        else f"BRIDGE_{name}".upper()
+    )
+    for name in Settings.model_fields
+}
+_FIELD_OF_ENV: Final = {env: field for field, env in ENV_NAMES.items()}
+_KNOWN_BRIDGE_VARS: Final = [*(e for e in _FIELD_OF_ENV if e.startswith("BRIDGE_")), CONFIG_ENV]
+
+#: What load_settings read from the TOML file, handed to settings_customise_sources, a
+#: classmethod that cannot be given arguments.
+_LOADED_TOML: ContextVar[dict[str, Any] | None] = ContextVar("_LOADED_TOML", default=None)
+
+
+class _MappingSource(PydanticBaseSettingsSource):
+    """Field values already keyed by field name; raw strings are left to the validators."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: Mapping[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._values = dict(values)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def _env_values(environ: Mapping[str, str | None]) -> dict[str, str]:
+    """Field values from variables named as in ``ENV_NAMES``; empty means unset."""
+    upper = {key.upper(): value for key, value in environ.items()}
+    return {field: value for env, field in _FIELD_OF_ENV.items() if (value := upper.get(env))}
+
+
+def _read_dotenv() -> dict[str, str | None]:
+    return dotenv_values(DOTENV_FILE) if DOTENV_FILE.is_file() else {}
+
+
+def _config_path(explicit: str | Path | None, dotenv: Mapping[str, str | None]) -> Path | None:
+    """The TOML file to read: ``explicit``, else ``BRIDGE_CONFIG``, else the default if present."""
+    named = explicit or os.environ.get(CONFIG_ENV) or dotenv.get(CONFIG_ENV)
+    if not named:
+        return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+    path = Path(named)
+    if not path.is_file():
+        raise ConfigError(f"{CONFIG_ENV}: config file {str(path)!r} does not exist")
+    return path
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{CONFIG_ENV}: cannot read {str(path)!r}: {exc}") from None
+    for key in data:
+        if key not in Settings.model_fields:
+            hint = difflib.get_close_matches(key, Settings.model_fields, n=1)
+            why = (
+                f"did you mean {hint[0]!r}?"
+                if hint
+                else "settings are top-level keys, not under [bridge]"
+                if key == "bridge"
+                else "see docs/configuration.md"
+            )
+            raise ConfigError(f"{key} ({path}): unknown setting; {why}")
+    return data
+
+
+def _check_bridge_vars(environ: Mapping[str, str | None]) -> None:
+    """Reject a ``BRIDGE_*`` variable that is a near miss of a real one."""
+    for name in environ:
+        upper = name.upper()
+        if upper.startswith("BRIDGE_") and upper not in _KNOWN_BRIDGE_VARS:
+            hint = difflib.get_close_matches(upper, _KNOWN_BRIDGE_VARS, n=1, cutoff=0.85)
+            if hint:
+                raise ConfigError(f"{name}: unknown setting; did you mean {hint[0]}?")
+
+
+def parse_subscribe(value: Any, default_mode: Mode = "quote") -> dict[int, Mode]:
+    """``BRIDGE_SUBSCRIBE`` / TOML ``subscribe`` -> ``{token: mode}``.
+
+    Accepts ``"full:256265,408065;ltp:738561"``, a bare token list ``"256265 408065"`` (default
+    mode), a list of tokens, a table of mode -> tokens (``full = [256265]``), or a mapping of
+    token -> mode. Raises ``CommandError`` (a ``ValueError``) with the reason.
+    """
+    result: dict[int, Mode] = {}
+    if isinstance(value, str):
+        for group in filter(None, (part.strip() for part in value.split(";"))):
+            mode_text, colon, tokens = group.rpartition(":")
+            mode = parse_mode(mode_text) if colon else default_mode
+            result.update(dict.fromkeys(_token_list(tokens), mode))
+    elif isinstance(value, list | tuple):
+        result.update(dict.fromkeys(_token_list(value), default_mode))
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(key, str) and not key.strip().isdigit():
+                result.update(dict.fromkeys(_token_list(item), parse_mode(key)))
+            else:
+                result[parse_token(key.strip() if isinstance(key, str) else key)] = parse_mode(item)
+    else:
+        raise CommandError("expected a string such as 'full:256265,408065;ltp:738561'")
+    if len(result) > MAX_TOKENS:
+        raise CommandError(f"{len(result)} tokens, above Kite's limit of {MAX_TOKENS}")
+    return result
+
+
+def _token_list(value: Any) -> list[int]:
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    elif not isinstance(value, list | tuple):
+        value = [value]
+    return [parse_token(item) for item in value]
+
+
+def _describe(
+    error: ValidationError, from_env: Mapping[str, Any], toml: Mapping[str, Any], path: Path | None
+) -> str:
+    """One line for the first error, naming the setting as it was given (env var or TOML key)."""
+    errors = error.errors(include_url=False)
+    first = errors[0]
+    message = str(first["msg"]).removeprefix("Value error, ").split(", unable to parse")[0]
+    field = str(first["loc"][0]) if first["loc"] else ""
+    if not field:  # a model-level rule: its message names its settings itself
+        return message
+    message = message[:1].lower() + message[1:]
+    name = ENV_NAMES.get(field, field)
+    if field not in from_env and field in toml:
+        name = f"{field} ({path})"
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting"
+    elif field not in _SECRET_FIELDS:
+        shown = first.get("input")
+        text = redact_text(shown if isinstance(shown, str) else repr(shown))[:80]
+        message += f", got {text!r}" if isinstance(shown, str) else f", got {text}"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{name}: {message}{more}"
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from every source; ``overrides`` (field names) win over all.
+
+    ``None`` overrides are dropped, so a CLI can pass its options through unconditionally.
+
+    Raises:
+        ConfigError: with one line naming the setting and what is wrong.
+    """
+    given = {key: value for key, value in overrides.items() if value is not None}
+    dotenv = _read_dotenv()
+    _check_bridge_vars(os.environ)
+    _check_bridge_vars(dotenv)
+    path = _config_path(config_file, dotenv)
+    toml = _read_toml(path) if path else {}
+    token = _LOADED_TOML.set(toml)
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        from_env = {**_env_values(dotenv), **_env_values(os.environ), **given}
+        raise ConfigError(_describe(exc, from_env, toml, path)) from None
+    except (SettingsError, ValueError) as exc:
+        raise ConfigError(redact_text(str(exc)).splitlines()[0]) from None
+    finally:
+        _LOADED_TOML.reset(token)
+    settings._config_file = path
+    return settings
