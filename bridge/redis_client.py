@@ -1,0 +1,110 @@
+"""The one place a Redis client is built, so every part of the bridge shares the same policy.
+
+Two layers of retrying, on purpose:
+
+* redis-py's own ``Retry`` absorbs *blips* (a reset connection, a failover, a restart that takes
+  under a second): a few quick attempts, capped well under a second. ``Redis.from_url`` gets no
+  retries at all unless given ``retry=`` (ecosystem-notes §2b), hence the explicit object here.
+* Our own loops (publisher, control consumer, status writer, start-up) handle *outages* of
+  minutes: they back off up to ``max_wait``, log once per outage and recover by themselves.
+
+Keeping the inner layer short matters: it runs inside every call, so long inner retries would
+stall shutdown and hide outages from the outer loops that count and report them.
+
+Blocking commands must stay under ``socket_timeout`` (the control consumer blocks for 1 s
+against a 5 s socket timeout), otherwise redis-py raises ``TimeoutError`` and retries them.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+__all__ = ["INNER_RETRIES", "SOCKET_TIMEOUT", "Outage", "create_redis"]
+
+#: Attempts redis-py makes on top of the first before a call fails to our own loops.
+INNER_RETRIES: Final = 3
+#: Seconds a command (blocking ones included) may wait for its reply.
+SOCKET_TIMEOUT: Final = 5.0
+
+
+def create_redis(
+    url: str,
+    *,
+    client_name: str | None = None,
+    socket_timeout: float = SOCKET_TIMEOUT,
+    connect_timeout: float = 5.0,
+    retries: int = INNER_RETRIES,
+    health_check_interval: int = 30,
+) -> Redis:
+    """Build an asyncio client for ``url``; replies come back as ``bytes``.
+
+    The client connects lazily: building it never fails because Redis is down.
+    """
+    return Redis.from_url(
+        url,
+        retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries),
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        health_check_interval=health_check_interval,
+        client_name=client_name,
+    )
+
+
+class Outage:
+    """The outer retry layer of one loop: growing waits, and one log line per outage.
+
+    A loop calls :meth:`failed` on every Redis error (it returns how long to wait before the
+    next attempt) and :meth:`recovered` after every success. Only the first failure of an
+    outage logs a warning and only the first success after it logs the recovery, so a
+    minute-long outage writes two lines, not one per tick or per command.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        logger: Any,
+        *,
+        base_wait: float = 0.1,
+        max_wait: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.what = what
+        self.failures = 0
+        self._log = logger
+        self._base_wait = base_wait
+        self._max_wait = max_wait
+        self._clock = clock
+        self._since = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.failures > 0
+
+    def failed(self, error: BaseException) -> float:
+        """Count a failure; return the wait before the next attempt (jittered exponential)."""
+        if self.failures == 0:
+            self._since = self._clock()
+            self._log.warning(
+                "redis_unavailable", what=self.what, error=f"{type(error).__name__}: {error}"
+            )
+        self.failures += 1
+        ceiling = min(self._base_wait * 2.0 ** min(self.failures - 1, 30), self._max_wait)
+        # Equal jitter: never below half the ceiling, so a dead server is not hammered.
+        return ceiling / 2 + random.random() * ceiling / 2
+
+    def recovered(self) -> None:
+        if self.failures:
+            self._log.info(
+                "redis_recovered",
+                what=self.what,
+                failures=self.failures,
+                outage_seconds=round(self._clock() - self._since, 3),
+            )
+            self.failures = 0

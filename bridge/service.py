@@ -1,0 +1,441 @@
+"""``bridge run``: wire the feed, publisher, control consumer and status together, and own the
+process lifecycle of CONTRACT §6.
+
+Start-up: connect Redis (retrying for as long as it takes), put back commands a previous run
+left in processing, merge ``BRIDGE_SUBSCRIBE`` into ``<ns>:subscriptions``, load that set into
+the feed *before* it connects (so the first handshake already subscribes), then run. On every
+(re)connect the set is read from Redis again and the feed reconciled to it, so a restarted
+bridge resumes exactly its subscriptions without any command.
+
+Shutdown (SIGTERM/SIGINT): stop taking commands (the one in flight finishes), close the
+websocket, flush pending publishes, write state ``stopped``, publish ``stopped``; every step is
+bounded so the process exits within 5 s. A second signal exits at once.
+
+Exit codes: 0 stopped by a signal, 1 crash (logged with its traceback), 2 invalid credentials
+(normally caught by the config first), 3 the handshake was refused (HTTP 403), 4 reconnect
+retries exhausted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Final, TypeVar
+
+import orjson
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from bridge.config import Settings
+from bridge.control import ControlConsumer
+from bridge.kite.feed import KiteFeed
+from bridge.kite.messages import KiteError, KiteMessage
+from bridge.kite.records import Mode, Tick
+from bridge.kite.retry import AuthError, RetriesExhausted
+from bridge.payload import event_json
+from bridge.publisher import Publisher
+from bridge.redis_client import Outage, create_redis
+from bridge.status import State, StatusCounters, StatusReporter
+from bridge.subscriptions import SubscriptionStore
+
+__all__ = [
+    "EXIT_AUTH",
+    "EXIT_CONFIG",
+    "EXIT_CRASH",
+    "EXIT_OK",
+    "EXIT_RETRIES",
+    "Bridge",
+    "run",
+]
+
+EXIT_OK: Final = 0
+EXIT_CRASH: Final = 1
+EXIT_CONFIG: Final = 2
+EXIT_AUTH: Final = 3
+EXIT_RETRIES: Final = 4
+
+#: Set to 1/true to run on uvloop (if installed). Default: the stdlib loop (ecosystem-notes §3:
+#: the loop is not the bottleneck here).
+UVLOOP_ENV: Final = "BRIDGE_UVLOOP"
+
+_log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+def _utc(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+
+
+class _Stopping(Exception):
+    """A stop was requested while start-up was still waiting for Redis."""
+
+
+class Bridge:
+    """One bridge process: ``await Bridge(settings).run()`` returns the exit code.
+
+    ``redis`` and ``feed`` can be injected (tests); otherwise they are built from ``settings``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        redis: Redis | None = None,
+        feed: KiteFeed | None = None,
+        shutdown_timeout: float = 4.0,
+        redis_base_wait: float = 0.1,
+        redis_max_wait: float = 5.0,
+        install_signals: bool = True,
+    ) -> None:
+        self.settings = settings
+        ns = settings.namespace
+        self.redis = redis or create_redis(settings.redis_url, client_name=f"bridge:{ns}")
+        self._owns_redis = redis is None
+        self.store = SubscriptionStore(self.redis, ns)
+        self.publisher = Publisher(
+            self.redis, ns, base_wait=redis_base_wait, max_wait=redis_max_wait
+        )
+        self.feed = feed or self._make_feed()
+        self._wire(self.feed)
+        self.control = ControlConsumer(
+            self.redis,
+            ns,
+            self.store,
+            default_mode=settings.default_mode,
+            reconcile=self._reconcile,
+            base_wait=redis_base_wait,
+            max_wait=redis_max_wait,
+        )
+        self.status = StatusReporter(self.redis, ns, self._counters)
+        self.exit_code: int | None = None
+        self._shutdown_timeout = shutdown_timeout
+        self._redis_waits = (redis_base_wait, redis_max_wait)
+        self._install_signals = install_signals
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._last_tick_at: float | None = None
+        # Serialises "decide the desired set, then reconcile the feed" between the control
+        # consumer and the on-connect resync, so an older read can never overwrite a newer one.
+        self._sync_lock = asyncio.Lock()
+        self._resync_task: asyncio.Task[None] | None = None
+
+    # -- construction -----------------------------------------------------------------------
+
+    def _make_feed(self) -> KiteFeed:
+        s = self.settings
+        return KiteFeed(
+            api_key=s.kite_api_key,
+            user_id=s.kite_user_id,
+            enctoken=s.kite_enctoken.get_secret_value() if s.kite_enctoken else None,
+            access_token=s.kite_access_token.get_secret_value() if s.kite_access_token else None,
+            url=s.kite_ws_url,
+            max_retries=s.max_retries,
+            base_wait=s.base_wait,
+            max_wait=s.max_wait,
+            liveness_timeout=s.liveness_timeout,
+        )
+
+    def _wire(self, feed: KiteFeed) -> None:
+        feed.on_tick = self._on_tick
+        feed.on_order_update = self._on_order_update
+        feed.on_connect = self._on_connect
+        feed.on_disconnect = self._on_disconnect
+        feed.on_reconnect = self._on_reconnect
+        feed.on_error = self._on_error
+        feed.on_message = self._on_message
+
+    # -- public control ---------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown (what SIGTERM does)."""
+        self._stop.set()
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1:
+            _log.info("signal_received", signal=name, action="graceful shutdown")
+            self.request_stop()
+            return
+        _log.warning("signal_received", signal=name, action="forced exit")
+        os._exit(128 + signum)
+
+    # -- the run ----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until stopped or the feed gives up; return the exit code."""
+        loop = asyncio.get_running_loop()
+        if self._install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        _log.info(
+            "bridge_starting",
+            namespace=self.settings.namespace,
+            redis=self.settings.redis_url_redacted,
+            feed=self.feed.redacted_url,
+            pid=os.getpid(),
+        )
+        self.publisher.start()
+        status_task = asyncio.create_task(self.status.run(), name="status")
+        tasks: dict[str, asyncio.Task[Any]] = {}
+        code = EXIT_OK
+        try:
+            try:
+                await self._prepare()
+            except _Stopping:
+                pass
+            else:
+                self.status.set_state("connecting")
+                tasks["feed"] = asyncio.create_task(self.feed.connect(), name="feed")
+                tasks["control"] = asyncio.create_task(self.control.run(self._stop), name="control")
+                code = await self._supervise(tasks, status_task)
+        except Exception:
+            _log.exception("bridge_crashed")
+            code = EXIT_CRASH
+        finally:
+            self.exit_code = code
+            try:
+                async with asyncio.timeout(self._shutdown_timeout):
+                    await self._shutdown(code, tasks, status_task)
+            except TimeoutError:
+                _log.error("shutdown_timeout", seconds=self._shutdown_timeout)
+            except Exception:  # finish shutting down whatever went wrong
+                _log.exception("shutdown_failed")
+            finally:
+                await self._abandon(tasks, status_task)
+                if self._install_signals:
+                    for sig in (signal.SIGTERM, signal.SIGINT):
+                        loop.remove_signal_handler(sig)
+        _log.info(
+            "bridge_stopped",
+            exit_code=code,
+            ticks=self.publisher.stats.published,
+            replaced=self.publisher.stats.replaced,
+            publish_errors=self.publisher.stats.errors,
+            commands=self.control.stats.applied,
+            rejected=self.control.stats.rejected,
+        )
+        return code
+
+    async def _prepare(self) -> None:
+        """Everything that needs Redis before the feed may connect, each step retried."""
+        await self._with_redis("ping", self.redis.ping)
+        await self._with_redis("requeue", self.control.requeue)
+        desired = await self._with_redis(
+            "load_subscriptions", lambda: self.store.merge(self.settings.subscribe)
+        )
+        if self.settings.subscribe:
+            _log.info("subscriptions_merged", added=len(self.settings.subscribe))
+        await self.feed.reconcile(desired)
+        _log.info("subscriptions_loaded", subscriptions=len(desired))
+
+    async def _with_redis(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
+        """Run ``step`` until Redis answers; a stop request interrupts it at any point."""
+        base_wait, max_wait = self._redis_waits
+        outage = Outage(f"startup:{what}", _log, base_wait=base_wait, max_wait=max_wait)
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        try:
+            while True:
+                attempt = asyncio.ensure_future(step())
+                await asyncio.wait({attempt, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not attempt.done():  # stopping: a connect to a dead host may take seconds
+                    attempt.cancel()
+                    await asyncio.wait({attempt})
+                    raise _Stopping
+                try:
+                    result = attempt.result()
+                except (RedisError, OSError) as exc:
+                    await asyncio.wait({stop_wait}, timeout=outage.failed(exc))
+                    if stop_wait.done():
+                        raise _Stopping from None
+                    continue
+                outage.recovered()
+                return result
+        finally:
+            stop_wait.cancel()
+
+    async def _supervise(
+        self, tasks: dict[str, asyncio.Task[Any]], status_task: asyncio.Task[None]
+    ) -> int:
+        """Wait for a stop request or for any task to end; map that to an exit code."""
+        stop_wait = asyncio.create_task(self._stop.wait(), name="stop-wait")
+        watched: set[asyncio.Task[Any]] = {stop_wait, status_task, *tasks.values()}
+        publisher_task = self.publisher.start()
+        watched.add(publisher_task)
+        try:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+        feed_task = tasks["feed"]
+        if feed_task in done:
+            return self._feed_ended(feed_task)
+        if stop_wait in done:
+            return EXIT_OK
+        for task in done:  # a component that should run forever ended
+            error = task.exception() if not task.cancelled() else None
+            _log.error("component_ended", task=task.get_name(), exc_info=error)
+        return EXIT_CRASH
+
+    def _feed_ended(self, task: asyncio.Task[Any]) -> int:
+        error = task.exception() if not task.cancelled() else None
+        if isinstance(error, AuthError):
+            self.status.set_state("auth_failed")
+            self.publisher.publish_event(event_json("auth_failed", status=error.status))
+            return EXIT_AUTH
+        if isinstance(error, RetriesExhausted):
+            _log.error("feed_gave_up", attempts=error.attempts)
+            return EXIT_RETRIES
+        if error is not None:
+            _log.error("feed_crashed", exc_info=error)
+            return EXIT_CRASH
+        if self._stop.is_set():
+            return EXIT_OK
+        _log.error("feed_ended_unexpectedly")
+        return EXIT_CRASH
+
+    async def _shutdown(
+        self, code: int, tasks: dict[str, asyncio.Task[Any]], status_task: asyncio.Task[None]
+    ) -> None:
+        if self.status.state != "auth_failed":
+            self.status.set_state("stopping")
+        self._stop.set()
+        steps: list[Awaitable[object]] = []
+        if "control" in tasks:
+            steps.append(asyncio.wait({tasks["control"]}, timeout=1.5))
+        if "feed" in tasks and not tasks["feed"].done():
+            steps.append(asyncio.wait_for(self._close_feed(tasks["feed"]), timeout=2.0))
+        for outcome in await asyncio.gather(*steps, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                _log.warning("shutdown_step_failed", error=repr(outcome))
+        if self._resync_task is not None:
+            self._resync_task.cancel()
+        self.publisher.publish_event(event_json("stopped", exit_code=code))
+        await self.publisher.close(timeout=1.0)
+        status_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await status_task
+        final: State = "auth_failed" if self.status.state == "auth_failed" else "stopped"
+        self.status.set_state(final)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await self.status.write()
+
+    async def _close_feed(self, feed_task: asyncio.Task[Any]) -> None:
+        await self.feed.close()
+        with contextlib.suppress(Exception):
+            await feed_task
+
+    async def _abandon(
+        self, tasks: dict[str, asyncio.Task[Any]], status_task: asyncio.Task[None]
+    ) -> None:
+        """Cancel whatever a bounded shutdown step left running, then close Redis."""
+        leftovers = [t for t in (*tasks.values(), status_task, self._resync_task) if t]
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
+        await self.publisher.close(timeout=0)
+        if self._owns_redis:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+
+    # -- status -----------------------------------------------------------------------------
+
+    def _counters(self) -> StatusCounters:
+        stats = self.feed.stats
+        return StatusCounters(
+            last_frame_at=_utc(stats.last_frame_at),
+            last_tick_at=_utc(self._last_tick_at),
+            ticks_total=stats.ticks,
+            frames_total=stats.frames,
+            reconnects_total=stats.reconnects,
+            subscriptions=len(self.feed.subscriptions),
+        )
+
+    # -- desired set ------------------------------------------------------------------------
+
+    async def _reconcile(self, desired: Mapping[int, Mode]) -> None:
+        """The control consumer's path: Redis already holds ``desired``."""
+        async with self._sync_lock:
+            await self.feed.reconcile(desired)
+
+    async def _resync(self) -> None:
+        """After a (re)connect: make the feed follow Redis, which may have changed meanwhile."""
+        try:
+            async with self._sync_lock:
+                desired = await self.store.load()
+                await self.feed.reconcile(desired)
+            _log.info("subscriptions_resynced", subscriptions=len(desired))
+        except (RedisError, OSError) as exc:
+            # The feed has already replayed its last known set; the next connect tries again.
+            _log.warning("resync_skipped", error=f"{type(exc).__name__}: {exc}")
+
+    # -- feed handlers (run on the feed's dispatcher: keep them short) -----------------------
+
+    def _on_tick(self, _feed: KiteFeed, ticks: list[Tick]) -> None:
+        self.publisher.submit(ticks)
+        self._last_tick_at = time.time()
+
+    def _on_order_update(self, _feed: KiteFeed, data: dict[str, Any]) -> None:
+        self.publisher.publish_order(orjson.dumps(data))
+
+    def _on_connect(self, _feed: KiteFeed) -> None:
+        self.status.set_state("connected")
+        self.publisher.publish_event(event_json("connected"))
+        if self._resync_task is not None and not self._resync_task.done():
+            self._resync_task.cancel()
+        self._resync_task = asyncio.create_task(self._resync(), name="resync")
+
+    def _on_disconnect(self, _feed: KiteFeed, cause: str, code: int | None, reason: str) -> None:
+        if cause == "stale":
+            self.publisher.publish_event(
+                event_json("stale", seconds=self.settings.liveness_timeout, reason=reason)
+            )
+        self.publisher.publish_event(event_json("disconnected", code=code, reason=reason))
+        if not self._stop.is_set() and cause != "client":
+            self.status.set_state("reconnecting")
+
+    def _on_reconnect(self, _feed: KiteFeed, attempt: int, wait: float) -> None:
+        self.status.set_state("reconnecting")
+        self.publisher.publish_event(
+            event_json("reconnecting", attempt=attempt, wait=round(wait, 3))
+        )
+
+    def _on_error(self, _feed: KiteFeed, error: object) -> None:
+        if isinstance(error, KiteError):
+            self.publisher.publish_event(event_json("kite_error", data=error.message))
+
+    def _on_message(self, _feed: KiteFeed, message: KiteMessage) -> None:
+        self.publisher.publish_event(event_json("kite_message", data=message.message))
+
+
+async def _main(settings: Settings) -> int:
+    try:
+        bridge = Bridge(settings)
+    except ValueError as exc:  # the feed's credential rules (normally caught by the config)
+        _log.error("invalid_configuration", error=str(exc))
+        return EXIT_CONFIG
+    return await bridge.run()
+
+
+def run(settings: Settings) -> int:
+    """Run the bridge on a fresh event loop until it stops; return the process exit code."""
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if os.environ.get(UVLOOP_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
+        try:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            _log.warning("uvloop_unavailable", hint="pip install 'kite-redis-bridge[uvloop]'")
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_main(settings))
+    except Exception:
+        _log.exception("bridge_crashed")
+        return EXIT_CRASH

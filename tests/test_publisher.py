@@ -1,0 +1,319 @@
+"""Publisher: one round trip per batch, bounded hand-off, conflation, outage recovery."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import fakeredis
+import orjson
+import pytest
+from helpers import ltp, quote, wait_until
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from structlog.testing import capture_logs
+
+from bridge.kite.records import Tick
+from bridge.payload import tick_json
+from bridge.publisher import PipelineTransport, Publisher
+
+NS = "t"
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+async def redis(server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
+    client = fakeredis.FakeAsyncRedis(server=server)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def listener(server: fakeredis.FakeServer) -> AsyncIterator[PubSub]:
+    client = fakeredis.FakeAsyncRedis(server=server)
+    pubsub = client.pubsub()
+    await pubsub.psubscribe(f"{NS}:*")
+    await pubsub.get_message(timeout=0.1)  # the psubscribe confirmation
+    yield pubsub
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await client.aclose()
+
+
+async def received(pubsub: PubSub, count: int, within: float = 2.0) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+    async with asyncio.timeout(within):
+        while len(out) < count:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+            if msg is not None:
+                out.append((msg["channel"].decode(), msg["data"]))
+    # Nothing more than expected.
+    assert await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05) is None
+    return out
+
+
+class CountingTransport:
+    """The real pipeline transport, counting round trips and messages per round trip."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.inner = PipelineTransport(redis)
+        self.sizes: list[int] = []
+
+    async def __call__(self, flat: list[bytes], /) -> int:
+        self.sizes.append(len(flat) // 2)
+        return await self.inner(flat)
+
+
+def make(redis: Redis, **kwargs: Any) -> tuple[Publisher, CountingTransport]:
+    transport = CountingTransport(redis)
+    options: dict[str, Any] = {"base_wait": 0.001, "max_wait": 0.01, **kwargs}
+    return Publisher(redis, NS, transport=transport, **options), transport
+
+
+async def test_frames_that_accumulate_go_out_in_one_pipeline(
+    redis: Redis, listener: PubSub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipelines = 0
+    real_pipeline = redis.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        nonlocal pipelines
+        pipelines += 1
+        return real_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(redis, "pipeline", counting_pipeline)
+    publisher, transport = make(redis)
+    frames: list[list[Tick]] = [[quote(1, 10.0), ltp(2, 20.0)], [quote(1, 11.0)], [ltp(3, 30.0)]]
+    for frame in frames:
+        publisher.submit(frame)
+    assert publisher.pending == 4
+    assert await publisher.send_once()
+    assert pipelines == 1
+    assert transport.sizes == [4]
+    got = await received(listener, 4)
+    expected = [(f"{NS}:ticks:{t.instrument_token}", tick_json(t)) for f in frames for t in f]
+    assert got == expected  # order kept within and across frames
+    assert orjson.loads(got[0][1])["last_price"] == 10.0
+    stats = publisher.stats
+    assert (stats.published, stats.batches, stats.replaced, stats.errors) == (4, 1, 0, 0)
+    assert stats.last_batch_size == 4
+    assert publisher.pending == 0
+
+
+async def test_batch_max_splits_a_backlog_into_bounded_round_trips(redis: Redis) -> None:
+    publisher, transport = make(redis, batch_max=2)
+    publisher.submit([ltp(token) for token in range(1, 6)])
+    while publisher.pending:
+        assert await publisher.send_once()
+    assert transport.sizes == [2, 2, 1]
+    assert publisher.stats.batches == 3
+    assert publisher.stats.published == 5
+
+
+async def test_overflow_keeps_only_the_newest_tick_per_token(
+    redis: Redis, listener: PubSub
+) -> None:
+    publisher, _ = make(redis, max_pending=4)
+    publisher.submit([ltp(1, 1.0), ltp(2, 2.0), ltp(1, 1.1)])
+    assert publisher.stats.replaced == 0  # still under the bound: arrival order kept
+    publisher.submit([ltp(2, 2.1), ltp(1, 1.2)])  # 5 > 4: conflate
+    assert publisher.pending == 2
+    assert publisher.stats.replaced == 3
+    publisher.submit([ltp(1, 1.3), ltp(3, 3.0)])  # while conflated, each newer tick replaces
+    assert publisher.pending == 3
+    assert publisher.stats.replaced == 4
+    assert await publisher.send_once()
+    got = {
+        channel: orjson.loads(data)["last_price"] for channel, data in await received(listener, 3)
+    }
+    assert got == {f"{NS}:ticks:1": 1.3, f"{NS}:ticks:2": 2.1, f"{NS}:ticks:3": 3.0}
+    # Drained: back to keeping every tick in order.
+    publisher.submit([ltp(1, 5.0), ltp(1, 5.1)])
+    assert publisher.pending == 2
+    assert publisher.stats.replaced == 4
+
+
+async def test_memory_stays_bounded_however_long_redis_is_down(
+    redis: Redis, server: fakeredis.FakeServer
+) -> None:
+    publisher, _ = make(redis, max_pending=100)
+    server.connected = False
+    for round_ in range(50):
+        publisher.submit([ltp(token, float(round_)) for token in range(1, 21)])
+        if round_ % 10 == 0:
+            assert not await publisher.send_once()
+    assert publisher.pending <= 100
+    assert publisher.stats.replaced + publisher.pending == 50 * 20
+    assert publisher.stats.errors == 5
+
+
+async def test_events_and_orders_go_first_to_their_channels(redis: Redis, listener: PubSub) -> None:
+    publisher, transport = make(redis)
+    publisher.submit([ltp(7)])
+    publisher.publish_event(b'{"event":"connected"}')
+    publisher.publish_order(b'{"order_id":"1"}')
+    assert await publisher.send_once()
+    assert transport.sizes == [3]
+    got = await received(listener, 3)
+    assert got[0] == (f"{NS}:events", b'{"event":"connected"}')
+    assert got[1] == (f"{NS}:orders", b'{"order_id":"1"}')
+    assert got[2][0] == f"{NS}:ticks:7"
+    assert publisher.stats.events_published == 2
+    assert publisher.stats.published == 1
+
+
+async def test_event_queue_is_bounded_and_drops_the_oldest(redis: Redis, listener: PubSub) -> None:
+    publisher, _ = make(redis, max_events=3)
+    for n in range(5):
+        publisher.publish_event(b"%d" % n)
+    assert publisher.stats.events_dropped == 2
+    assert await publisher.send_once()
+    assert [data for _, data in await received(listener, 3)] == [b"2", b"3", b"4"]
+
+
+async def test_outage_keeps_pending_logs_once_and_recovers(
+    redis: Redis, server: fakeredis.FakeServer, listener: PubSub
+) -> None:
+    publisher, _ = make(redis)
+    publisher.publish_event(b"e1")
+    publisher.submit([ltp(1, 1.0)])
+    server.connected = False
+    with capture_logs() as logs:
+        for _ in range(3):
+            assert not await publisher.send_once()
+        publisher.submit([ltp(2, 2.0)])
+        assert publisher.pending == 3  # nothing lost, order kept
+        assert publisher.stats.errors == 3
+        server.connected = True
+        assert await publisher.send_once()
+    names = [entry["event"] for entry in logs]
+    assert names.count("redis_unavailable") == 1
+    assert names.count("redis_recovered") == 1
+    recovered = next(entry for entry in logs if entry["event"] == "redis_recovered")
+    assert recovered["failures"] == 3
+    got = await received(listener, 3)
+    assert [channel for channel, _ in got] == [f"{NS}:events", f"{NS}:ticks:1", f"{NS}:ticks:2"]
+    assert publisher.stats.published == 2
+    assert publisher.pending == 0
+
+
+async def test_failed_batch_merges_into_a_conflated_backlog_without_going_back_in_time(
+    redis: Redis, server: fakeredis.FakeServer, listener: PubSub
+) -> None:
+    publisher, _ = make(redis, max_pending=2)
+    publisher.submit([ltp(1, 1.0)])
+    server.connected = False
+    task = asyncio.create_task(publisher.send_once())
+    await asyncio.sleep(0)  # the batch with ltp(1, 1.0) is now in flight
+    publisher.submit([ltp(1, 1.5), ltp(2, 2.0), ltp(1, 1.6)])  # overflow: conflated
+    assert not await task
+    # The failed (older) tick of token 1 was dropped in favour of the newer one.
+    assert publisher.pending == 2
+    assert publisher.stats.replaced == 2
+    server.connected = True
+    assert await publisher.send_once()
+    got = {
+        channel: orjson.loads(data)["last_price"] for channel, data in await received(listener, 2)
+    }
+    assert got == {f"{NS}:ticks:1": 1.6, f"{NS}:ticks:2": 2.0}
+
+
+async def test_a_tick_that_cannot_be_serialised_is_dropped_alone(
+    redis: Redis, listener: PubSub
+) -> None:
+    def serialize(tick: Tick) -> bytes:
+        if tick.instrument_token == 2:
+            raise ValueError("boom")
+        return tick_json(tick)
+
+    publisher, _ = make(redis, serialize=serialize)
+    publisher.submit([ltp(1), ltp(2), ltp(3)])
+    with capture_logs() as logs:
+        assert await publisher.send_once()
+    assert [c for c, _ in await received(listener, 2)] == [f"{NS}:ticks:1", f"{NS}:ticks:3"]
+    assert publisher.stats.serialize_errors == 1
+    assert publisher.stats.published == 2
+    assert any(entry["event"] == "tick_serialize_failed" for entry in logs)
+
+
+async def test_running_sender_publishes_and_flush_waits_for_it(
+    redis: Redis, listener: PubSub
+) -> None:
+    publisher, _ = make(redis)
+    publisher.start()
+    try:
+        publisher.submit([ltp(1)])
+        await wait_until(lambda: publisher.stats.published == 1)
+        publisher.submit([ltp(2), ltp(3)])
+        publisher.publish_event(b"bye")
+        assert await publisher.flush(2.0)
+        assert publisher.pending == 0
+        assert publisher.stats.published == 3
+        assert len(await received(listener, 4)) == 4
+    finally:
+        assert await publisher.close(1.0)
+
+
+async def test_flush_gives_up_after_its_timeout_while_redis_is_down(
+    redis: Redis, server: fakeredis.FakeServer
+) -> None:
+    publisher, _ = make(redis)
+    publisher.start()
+    server.connected = False
+    publisher.submit([ltp(1)])
+    assert not await publisher.flush(0.1)
+    assert publisher.pending == 1
+    assert not await publisher.close(0.05)
+    assert publisher.stats.errors >= 1
+
+
+def test_bounds_must_be_positive(redis: Redis) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        Publisher(redis, NS, max_pending=0)
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("transport", ["lua", "pipeline"])
+async def test_real_redis_transports_publish_and_count_unheard(
+    redis_url: str, namespace: str, transport: str
+) -> None:
+    client = Redis.from_url(redis_url)
+    sub_client = Redis.from_url(redis_url)
+    pubsub = sub_client.pubsub()
+    try:
+        await pubsub.subscribe(f"{namespace}:ticks:1")
+        await pubsub.get_message(timeout=1.0)
+        publisher = Publisher(client, namespace, transport=transport)  # type: ignore[arg-type]
+        await client.script_flush()  # the Lua transport must reload its script (NOSCRIPT)
+        publisher.submit([quote(1, 1.5), ltp(2), quote(1, 1.6)])
+        assert await publisher.send_once()
+        got: list[float] = []
+        async with asyncio.timeout(2):
+            while len(got) < 2:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+                if msg is not None:
+                    got.append(orjson.loads(msg["data"])["last_price"])
+        assert got == [1.5, 1.6]
+        assert publisher.stats.unheard == 1  # nobody listens on token 2
+        assert publisher.stats.published == 3
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await sub_client.aclose()
+        await client.aclose()
+
+
+async def test_lua_transport_falls_back_to_a_pipeline_where_scripting_is_refused(
+    redis: Redis, listener: PubSub
+) -> None:
+    publisher = Publisher(redis, NS)  # default transport: Lua; fakeredis has no EVALSHA
+    publisher.submit([ltp(1), ltp(2)])
+    with capture_logs() as logs:
+        assert await publisher.send_once()
+        publisher.submit([ltp(3)])
+        assert await publisher.send_once()
+    assert [e["event"] for e in logs].count("lua_publish_unavailable") == 1
+    assert [c for c, _ in await received(listener, 3)] == [f"{NS}:ticks:{t}" for t in (1, 2, 3)]

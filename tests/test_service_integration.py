@@ -1,0 +1,482 @@
+"""End to end: ``python -m bridge run`` as a subprocess, the Simulator in-process, real Redis.
+
+Driven only the way users drive the bridge: ``RPUSH <ns>:control``, replies by id, and
+subscribers on ``<ns>:ticks:*`` and ``<ns>:events``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from helpers import wait_until
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from bridge.redis_client import create_redis
+from bridge.simulator.server import Simulator
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "sim-access-token"
+
+LTP_KEYS = {"tradable", "mode", "instrument_token", "last_price"}
+INDEX_QUOTE_KEYS = LTP_KEYS | {"ohlc", "change"}
+INDEX_FULL_KEYS = INDEX_QUOTE_KEYS | {"exchange_timestamp"}
+QUOTE_KEYS = LTP_KEYS | {
+    "last_traded_quantity",
+    "average_traded_price",
+    "volume_traded",
+    "total_buy_quantity",
+    "total_sell_quantity",
+    "ohlc",
+    "change",
+}
+FULL_KEYS = QUOTE_KEYS | {
+    "last_trade_time",
+    "oi",
+    "oi_day_high",
+    "oi_day_low",
+    "exchange_timestamp",
+    "depth",
+}
+NIFTY, BANKNIFTY, INFY, RELIANCE, SBIN = 256265, 260105, 408065, 738561, 779521
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class BridgeProcess:
+    """One ``bridge run`` subprocess, its log kept in a file for failure reports."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
+        self.proc = proc
+        self.log = log
+
+    async def stop(self, sig: int = signal.SIGTERM, within: float = 5.0) -> tuple[int, float]:
+        started = time.monotonic()
+        self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), within)
+        return code, time.monotonic() - started
+
+    async def wait(self, within: float) -> int:
+        return await asyncio.wait_for(self.proc.wait(), within)
+
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+
+StartBridge = Callable[..., Awaitable[BridgeProcess]]
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(
+        access_tokens={TOKEN}, tick_interval=0.05, heartbeat_interval=0.3, seed=7
+    ) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+async def start_bridge(
+    tmp_path: Path, namespace: str, redis_url: str, sim: Simulator
+) -> AsyncIterator[StartBridge]:
+    started: list[BridgeProcess] = []
+
+    async def start(**env_overrides: str) -> BridgeProcess:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("BRIDGE_", "KITE_")) and k != "REDIS_URL"
+        }
+        env.update(
+            PYTHONPATH=str(ROOT),
+            KITE_WS_URL=sim.url,
+            KITE_API_KEY="test-key",
+            KITE_ACCESS_TOKEN=TOKEN,
+            REDIS_URL=redis_url,
+            BRIDGE_NAMESPACE=namespace,
+            BRIDGE_HTTP_PORT="0",
+            BRIDGE_BASE_WAIT="0.1",
+            BRIDGE_MAX_WAIT="0.5",
+            BRIDGE_LIVENESS_TIMEOUT="1",
+            BRIDGE_LOG_FORMAT="json",
+            BRIDGE_LOG_LEVEL="info",
+        )
+        env.update(env_overrides)
+        log = tmp_path / f"bridge-{len(started)}.log"
+        with log.open("wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bridge", "run",
+                cwd=tmp_path, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+        bridge = BridgeProcess(proc, log)
+        started.append(bridge)
+        return bridge
+
+    yield start
+    for bridge in started:
+        if bridge.alive():
+            bridge.proc.kill()
+            await bridge.proc.wait()
+    for bridge in started:  # shown by pytest when the test failed
+        print(f"--- {bridge.log.name} (exit {bridge.proc.returncode})")
+        print(bridge.log.read_text(errors="replace")[-6000:])
+
+
+@pytest.fixture
+async def redis(redis_url: str, namespace: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    keys = [key async for key in client.scan_iter(f"{namespace}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+class Listener:
+    """Collects everything published under ``<ns>:*`` in the background."""
+
+    def __init__(self, url: str, namespace: str) -> None:
+        self.client = Redis.from_url(url)
+        self.pubsub = self.client.pubsub()
+        self.namespace = namespace
+        self.messages: list[tuple[str, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.pubsub.psubscribe(f"{self.namespace}:*")
+        self._task = asyncio.create_task(self._collect())
+
+    async def _collect(self) -> None:
+        async for msg in self.pubsub.listen():
+            if msg["type"] == "pmessage":
+                self.messages.append((msg["channel"].decode(), orjson.loads(msg["data"])))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self.client.aclose()
+
+    def ticks(self, token: int) -> list[dict[str, Any]]:
+        channel = f"{self.namespace}:ticks:{token}"
+        return [data for ch, data in self.messages if ch == channel]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        channel = f"{self.namespace}:events"
+        return [d for ch, d in self.messages if ch == channel and d.get("event") == name]
+
+
+@pytest.fixture
+async def listener(redis_url: str, namespace: str) -> AsyncIterator[Listener]:
+    listening = Listener(redis_url, namespace)
+    await listening.start()
+    yield listening
+    await listening.close()
+
+
+async def command(redis: Redis, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Send a JSON command with an id and wait for its reply, as an operator would."""
+    await redis.rpush(f"{namespace}:control", orjson.dumps(body))
+    reply = await redis.blpop([f"{namespace}:reply:{body['id']}"], 10)
+    assert reply is not None, f"no reply to {body}"
+    result: dict[str, Any] = orjson.loads(reply[1])
+    return result
+
+
+async def status(redis: Redis, namespace: str) -> dict[str, str]:
+    raw = await redis.hgetall(f"{namespace}:status")
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def test_commands_ticks_replies_dead_letters_and_reconnect(
+    start_bridge: StartBridge, sim: Simulator, redis: Redis, namespace: str, listener: Listener
+) -> None:
+    bridge = await start_bridge()
+    await sim.wait_for(lambda: bool(sim.connections), 10)
+
+    result = await command(
+        redis,
+        namespace,
+        {"id": "s1", "action": "subscribe", "mode": "full", "tokens": [NIFTY, INFY]},
+    )
+    assert result["ok"] is True
+    assert result["subscriptions"] == {str(NIFTY): "full", str(INFY): "full"}
+    await redis.rpush(f"{namespace}:control", f"subscribe quote {BANKNIFTY} {RELIANCE}")
+    await redis.rpush(f"{namespace}:control", f"subscribe ltp {SBIN}")
+    expected_keys = {
+        NIFTY: INDEX_FULL_KEYS,
+        INFY: FULL_KEYS,
+        BANKNIFTY: INDEX_QUOTE_KEYS,
+        RELIANCE: QUOTE_KEYS,
+        SBIN: LTP_KEYS,
+    }
+    await wait_until(lambda: all(listener.ticks(t) for t in expected_keys), within=10)
+    for token, keys in expected_keys.items():
+        tick = listener.ticks(token)[-1]
+        assert set(tick) == keys, token
+        assert tick["instrument_token"] == token
+    assert len(listener.ticks(INFY)[-1]["depth"]["buy"]) == 5
+
+    # list + reply by id
+    result = await command(redis, namespace, {"id": "l1", "action": "list"})
+    assert result["subscriptions"] == {
+        str(NIFTY): "full",
+        str(BANKNIFTY): "quote",
+        str(INFY): "full",
+        str(RELIANCE): "quote",
+        str(SBIN): "ltp",
+    }
+    await wait_until(lambda: any(e.get("id") == "l1" for e in listener.events("command")))
+
+    # unsubscribe stops the ticks
+    await command(redis, namespace, {"id": "u1", "action": "unsubscribe", "tokens": [INFY]})
+    await sim.wait_for(lambda: INFY not in sim.subscriptions(), 5)
+    await asyncio.sleep(0.3)  # frames already on the wire drain
+    seen = len(listener.ticks(INFY))
+    await asyncio.sleep(0.5)  # ten tick intervals
+    assert len(listener.ticks(INFY)) == seen
+    assert listener.ticks(SBIN)  # others still flow
+
+    # a bad command: error result + dead letter, the bridge carries on
+    result = await command(redis, namespace, {"id": "bad", "action": "subscribe", "tokens": ["x"]})
+    assert result["ok"] is False
+    assert "bad token" in result["error"]
+    dead = await redis.lrange(f"{namespace}:control:dead", 0, -1)
+    assert [orjson.loads(d)["error"] for d in dead] == [result["error"]]
+    assert bridge.alive()
+
+    # text frames: order updates to <ns>:orders, errors and notices as events
+    await sim.send_order({"order_id": "151220000000000", "status": "COMPLETE"})
+    await sim.send_text('{"type": "error", "data": "too many instruments"}')
+    await sim.send_text('{"type": "message", "data": "market closes early"}')
+    orders = f"{namespace}:orders"
+    await wait_until(lambda: any(ch == orders for ch, _ in listener.messages))
+    assert next(d for ch, d in listener.messages if ch == orders)["order_id"] == "151220000000000"
+    await wait_until(lambda: bool(listener.events("kite_message")))
+    assert listener.events("kite_error")[0]["data"] == "too many instruments"
+    assert listener.events("kite_message")[0]["data"] == "market closes early"
+
+    # drop -> reconnect -> the same subscriptions, replayed by the bridge
+    desired = {NIFTY: "full", BANKNIFTY: "quote", RELIANCE: "quote", SBIN: "ltp"}
+    first = max(sim.connections)
+    await sim.drop()
+    await sim.wait_for(lambda: bool(sim.connections) and max(sim.connections) > first, 10)
+    await sim.wait_for(lambda: sim.subscriptions() == desired, 5)
+    replayed = [req for cid, req in sim.received if cid == max(sim.connections)]
+    assert {t for req in replayed if req["a"] == "subscribe" for t in req["v"]} == set(desired)
+    await wait_until(
+        lambda: bool(listener.events("connected")) and len(listener.events("connected")) >= 2
+    )
+    assert listener.events("disconnected")
+    assert listener.events("reconnecting")[0]["attempt"] == 1
+    state = await status(redis, namespace)
+    assert state["state"] == "connected"
+    assert state["subscriptions"] == "4"
+    assert int(state["reconnects_total"]) >= 1
+    assert int(state["ticks_total"]) > 0
+
+    code, took = await bridge.stop()
+    assert code == 0
+    assert took < 5.0
+    assert (await status(redis, namespace))["state"] == "stopped"
+    await wait_until(lambda: bool(listener.events("stopped")))
+
+
+async def test_restart_restores_subscriptions_and_requeues_unfinished_commands(
+    start_bridge: StartBridge, sim: Simulator, redis: Redis, namespace: str, listener: Listener
+) -> None:
+    bridge = await start_bridge(BRIDGE_SUBSCRIBE=f"ltp:{SBIN}")
+    await sim.wait_for(lambda: sim.subscriptions() == {SBIN: "ltp"}, 10)
+    await command(redis, namespace, {"id": "a", "action": "subscribe", "tokens": [RELIANCE]})
+    await sim.wait_for(lambda: sim.subscriptions() == {SBIN: "ltp", RELIANCE: "quote"}, 5)
+    code, took = await bridge.stop(signal.SIGINT)
+    assert (code, took < 5.0) == (0, True)
+    await sim.wait_for(lambda: not sim.connections, 5)
+
+    # A command a crashed run left in processing, and one queued while no bridge ran.
+    await redis.rpush(f"{namespace}:control:processing", f"mode full {RELIANCE}")
+    await redis.rpush(f"{namespace}:control", f"unsubscribe {SBIN}")
+    handshakes = len(sim.handshakes)
+    bridge = await start_bridge()
+    # The first handshake already subscribes the stored set, before any command runs.
+    await sim.wait_for(lambda: len(sim.handshakes) > handshakes and bool(sim.connections), 10)
+    first_requests = [req for cid, req in sim.received if cid == max(sim.connections)]
+    assert first_requests[0]["a"] in ("subscribe", "mode")
+    await sim.wait_for(lambda: sim.subscriptions() == {RELIANCE: "full"}, 5)
+    assert await redis.llen(f"{namespace}:control:processing") == 0
+    stored = await redis.hgetall(f"{namespace}:subscriptions")
+    assert stored == {str(RELIANCE).encode(): b"full"}
+    await wait_until(
+        lambda: bool(listener.ticks(RELIANCE)) and listener.ticks(RELIANCE)[-1]["mode"] == "full",
+        within=5,
+    )
+    code, _ = await bridge.stop()
+    assert code == 0
+
+
+async def test_expired_token_exits_3_quickly(
+    start_bridge: StartBridge, sim: Simulator, redis: Redis, namespace: str, listener: Listener
+) -> None:
+    bridge = await start_bridge()
+    await sim.wait_for(lambda: bool(sim.connections), 10)
+    sim.expire_token(TOKEN)
+    started = time.monotonic()
+    await sim.drop()
+    assert await bridge.wait(5) == 3
+    assert time.monotonic() - started < 3
+    assert len(sim.handshakes) == 2  # no retry storm after the 403
+    assert (await status(redis, namespace))["state"] == "auth_failed"
+    await wait_until(lambda: bool(listener.events("auth_failed")))
+    assert listener.events("auth_failed")[0]["status"] == 403
+
+
+async def test_a_silent_feed_is_declared_stale_and_reconnected(
+    start_bridge: StartBridge, sim: Simulator, redis: Redis, namespace: str, listener: Listener
+) -> None:
+    bridge = await start_bridge(BRIDGE_SUBSCRIBE=f"ltp:{SBIN}")
+    await sim.wait_for(lambda: sim.subscriptions() == {SBIN: "ltp"}, 10)
+    first = max(sim.connections)
+    sim.stall()
+    await wait_until(lambda: bool(listener.events("stale")), within=5)
+    sim.stall(False)
+    await sim.wait_for(lambda: max(sim.connections, default=0) > first, 10)
+    await sim.wait_for(lambda: sim.subscriptions() == {SBIN: "ltp"}, 5)
+    assert listener.events("disconnected")[0]["code"] == 1006
+    code, _ = await bridge.stop()
+    assert code == 0
+
+
+async def test_retries_exhausted_exits_4(start_bridge: StartBridge) -> None:
+    nobody = f"ws://127.0.0.1:{_free_port()}"
+    bridge = await start_bridge(KITE_WS_URL=nobody, BRIDGE_MAX_RETRIES="1")
+    assert await bridge.wait(10) == 4
+
+
+async def test_sigterm_while_waiting_for_redis_exits_0(start_bridge: StartBridge) -> None:
+    bridge = await start_bridge(REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0")
+    await asyncio.sleep(1.0)  # imports done, now retrying Redis
+    assert bridge.alive()
+    code, took = await bridge.stop()
+    assert code == 0
+    assert took < 5.0
+    assert '"redis_unavailable"' in bridge.log.read_text()
+
+
+async def test_a_second_signal_forces_exit(start_bridge: StartBridge) -> None:
+    # With Redis unreachable the graceful shutdown waits out its flush budget (about 1.5 s).
+    bridge = await start_bridge(REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0")
+    await asyncio.sleep(1.0)
+    bridge.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.2)
+    assert bridge.alive()
+    code, took = await bridge.stop(signal.SIGINT)
+    assert code == 128 + signal.SIGINT
+    assert took < 0.5
+    assert '"forced exit"' in bridge.log.read_text()
+
+
+class PrivateRedis:
+    """A redis-server of our own on a free port, so it can be killed and started again."""
+
+    def __init__(self, server: str, directory: Path) -> None:
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._argv = [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                      "--appendonly", "no", "--dir", str(directory)]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self._argv, stdout=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server not on PATH: cannot test a Redis restart")
+    redis_server = PrivateRedis(server, tmp_path)
+    redis_server.start()
+    yield redis_server
+    redis_server.kill()
+
+
+async def test_redis_restart_mid_stream_recovers(
+    start_bridge: StartBridge, sim: Simulator, namespace: str, private_redis: PrivateRedis
+) -> None:
+    client = create_redis(private_redis.url)  # retries, like the bridge's own client
+    await wait_until(lambda: _try(client.ping()), within=5)
+    bridge = await start_bridge(REDIS_URL=private_redis.url)
+    listener = Listener(private_redis.url, namespace)
+    await listener.start()
+    try:
+        result = await command(
+            client, namespace, {"id": "a", "action": "subscribe", "tokens": [RELIANCE]}
+        )
+        assert result["ok"] is True
+        await wait_until(lambda: bool(listener.ticks(RELIANCE)), within=5)
+        await listener.close()
+        connection = max(sim.connections)
+
+        private_redis.kill()  # kill -9: nothing persisted, every connection reset
+        await asyncio.sleep(1.5)  # long enough to outlast redis-py's own quick retries
+        assert bridge.alive()
+        private_redis.start()
+
+        listener = Listener(private_redis.url, namespace)
+        await wait_until(lambda: _try(listener.start()), within=5)
+        await wait_until(lambda: bool(listener.ticks(RELIANCE)), within=10)
+        # Commands work again (the stored set was lost with the unpersisted Redis).
+        result = await command(
+            client, namespace, {"id": "b", "action": "subscribe", "tokens": [SBIN]}
+        )
+        assert result["ok"] is True
+        assert result["subscriptions"] == {str(SBIN): "quote"}
+        await wait_until(lambda: bool(listener.ticks(SBIN)), within=5)
+        # The websocket stayed up through the outage.
+        assert max(sim.connections) == connection
+        code, _ = await bridge.stop()
+        assert code == 0
+        log = bridge.log.read_text()
+        assert '"redis_unavailable"' in log
+        assert '"redis_recovered"' in log
+    finally:
+        await listener.close()
+        await client.aclose()
+
+
+async def _try(step: Awaitable[object]) -> bool:
+    """True once ``step`` succeeds; False while the server refuses connections."""
+    try:
+        await step
+    except (OSError, RedisConnectionError):
+        return False
+    return True

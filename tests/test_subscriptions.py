@@ -1,0 +1,88 @@
+"""The desired set in ``<ns>:subscriptions``: load, replace, merge, hand-edited entries."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
+
+from bridge.subscriptions import SubscriptionStore, decode_subscriptions
+
+KEY = "s:subscriptions"
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Redis]:
+    client = fakeredis.FakeAsyncRedis()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def store(redis: Redis) -> SubscriptionStore:
+    return SubscriptionStore(redis, "s")
+
+
+async def test_empty_store_loads_as_an_empty_set(store: SubscriptionStore) -> None:
+    assert store.key == KEY
+    assert await store.load() == {}
+
+
+async def test_replace_makes_the_hash_exactly_the_given_set(
+    store: SubscriptionStore, redis: Redis
+) -> None:
+    await store.replace({1: "ltp", 2: "full"})
+    await store.replace({2: "quote", 3: "ltp"})
+    assert await redis.hgetall(KEY) == {b"2": b"quote", b"3": b"ltp"}
+    assert await store.load() == {2: "quote", 3: "ltp"}
+    await store.replace({})
+    assert await redis.exists(KEY) == 0
+    assert await store.load() == {}
+
+
+async def test_merge_adds_with_the_new_modes_winning_and_returns_the_whole_set(
+    store: SubscriptionStore,
+) -> None:
+    await store.replace({1: "ltp", 2: "full"})
+    assert await store.merge({2: "quote", 5: "ltp"}) == {1: "ltp", 2: "quote", 5: "ltp"}
+    assert await store.merge({}) == {1: "ltp", 2: "quote", 5: "ltp"}
+    assert await store.load() == {1: "ltp", 2: "quote", 5: "ltp"}
+
+
+async def test_queue_replace_joins_the_callers_transaction(
+    store: SubscriptionStore, redis: Redis
+) -> None:
+    await store.replace({1: "ltp"})
+    async with redis.pipeline(transaction=True) as pipe:
+        store.queue_replace(pipe, {7: "full"})
+        pipe.rpush("s:other", "x")
+        await pipe.execute()
+    assert await store.load() == {7: "full"}
+    assert await redis.llen("s:other") == 1
+
+
+async def test_hand_edited_bad_entries_are_skipped_and_logged(
+    store: SubscriptionStore, redis: Redis
+) -> None:
+    await redis.hset(
+        KEY,
+        mapping={
+            "1": "LTP",
+            "x": "full",
+            "2": "bogus",
+            "0": "ltp",
+            "4294967296": "ltp",
+            "9": " full ",
+        },
+    )
+    with capture_logs() as logs:
+        assert await store.load() == {1: "ltp", 9: "full"}
+    bad = sorted(entry["token"] for entry in logs if entry["event"] == "subscription_entry_invalid")
+    assert bad == ["0", "2", "4294967296", "x"]
+
+
+def test_decode_accepts_str_replies() -> None:
+    assert decode_subscriptions({"3": "quote"}) == {3: "quote"}
