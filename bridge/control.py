@@ -294,6 +294,8 @@ class ControlConsumer:
                 pipe.ltrim(self.dead_key, -self._dead_max, -1)
             pipe.lrem(self.processing_key, 1, raw)  # type: ignore[arg-type]  # bytes are fine
             await pipe.execute()
+        if outcome.changed:
+            self._store.remember(outcome.desired)
 
     async def _apply_to_feed(self, desired: dict[int, Mode], log: Any) -> None:
         if self._reconcile is None:

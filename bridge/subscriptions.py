@@ -3,6 +3,14 @@
 Redis, not the process, owns this set: it survives restarts, and the feed is reconciled to it
 on every (re)connect. Every write replaces or extends the set inside MULTI/EXEC, so a reader
 never sees half a change.
+
+One exception to "Redis owns it": a Redis *server* restart without persistence (the default of
+many deployments, including our compose file) empties the hash while the bridge still runs.
+Following Redis then would silently unsubscribe every instrument at the next command or
+reconnect. The store therefore remembers the last set it read or wrote together with the
+server's ``run_id``; when the server's identity changed *and* the hash is gone, it writes the
+remembered set back instead of adopting the empty one. An operator's ``unsubscribe all`` (same
+server) still empties it, as does a fresh bridge process (it has nothing to remember).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from typing import Final, cast
 import structlog
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
 from bridge.kite.records import Mode
@@ -58,10 +67,48 @@ class SubscriptionStore:
     def __init__(self, redis: Redis, namespace: str) -> None:
         self._redis = redis
         self.key = f"{namespace}:subscriptions"
+        #: The last set read from or written to Redis by this process, and the ``run_id`` of the
+        #: server it came from (None: unknown, or the server cannot tell us).
+        self._known: dict[int, Mode] = {}
+        self._server_id: str | None = None
+        self._server_id_supported = True
+        #: How many times a restarted Redis server's lost set was written back.
+        self.restored = 0
 
     async def load(self) -> dict[int, Mode]:
+        """The desired set; rewritten from memory if a restarted Redis server lost it."""
+        server_id = await self._current_server_id()
         raw = await self._redis.hgetall(self.key)
-        return decode_subscriptions(raw, self.key)
+        desired = decode_subscriptions(raw, self.key)
+        restarted = server_id is not None and self._server_id not in (None, server_id)
+        if restarted and not raw and self._known:
+            _log.warning(
+                "subscriptions_restored",
+                reason="the Redis server restarted and lost the set",
+                subscriptions=len(self._known),
+            )
+            await self.replace(self._known)
+            self.restored += 1
+            desired = dict(self._known)
+        self._server_id = server_id
+        self._known = desired
+        return desired
+
+    def remember(self, desired: Mapping[int, Mode]) -> None:
+        """Record a set the caller has written itself (e.g. through :meth:`queue_replace`)."""
+        self._known = dict(desired)
+
+    async def _current_server_id(self) -> str | None:
+        if not self._server_id_supported:
+            return None
+        try:
+            info = await self._redis.info("server")
+        except ResponseError:  # INFO renamed or disabled by the operator, or a Redis look-alike
+            self._server_id_supported = False
+            _log.warning("redis_run_id_unavailable", consequence="restart guard disabled")
+            return None
+        run_id = info.get("run_id")
+        return str(run_id) if run_id else None
 
     def queue_replace(self, pipe: Pipeline, desired: Mapping[int, Mode]) -> None:
         """Queue the commands that make the hash equal ``desired`` on ``pipe``.
@@ -77,12 +124,16 @@ class SubscriptionStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             self.queue_replace(pipe, desired)
             await pipe.execute()
+        self.remember(desired)
 
     async def merge(self, extra: Mapping[int, Mode]) -> dict[int, Mode]:
         """Add ``extra`` (its modes win) and return the whole resulting set, atomically."""
+        self._server_id = await self._current_server_id()
         async with self._redis.pipeline(transaction=True) as pipe:
             if extra:
                 pipe.hset(self.key, mapping=encode_subscriptions(extra))
             pipe.hgetall(self.key)
             replies = await pipe.execute()
-        return decode_subscriptions(replies[-1], self.key)
+        desired = decode_subscriptions(replies[-1], self.key)
+        self.remember(desired)
+        return desired

@@ -454,13 +454,21 @@ async def test_redis_restart_mid_stream_recovers(
         listener = Listener(private_redis.url, namespace)
         await wait_until(lambda: _try(listener.start()), within=5)
         await wait_until(lambda: bool(listener.ticks(RELIANCE)), within=10)
-        # Commands work again (the stored set was lost with the unpersisted Redis).
+        # Commands work again. The unpersisted Redis lost the stored set, but the bridge
+        # noticed the new server and wrote its set back instead of unsubscribing everything.
         result = await command(
             client, namespace, {"id": "b", "action": "subscribe", "tokens": [SBIN]}
         )
         assert result["ok"] is True
-        assert result["subscriptions"] == {str(SBIN): "quote"}
+        assert result["subscriptions"] == {str(RELIANCE): "quote", str(SBIN): "quote"}
+        assert await client.hgetall(f"{namespace}:subscriptions") == {
+            str(RELIANCE).encode(): b"quote",
+            str(SBIN).encode(): b"quote",
+        }
         await wait_until(lambda: bool(listener.ticks(SBIN)), within=5)
+        seen = len(listener.ticks(RELIANCE))
+        await wait_until(lambda: len(listener.ticks(RELIANCE)) > seen, within=5)
+        assert sim.subscriptions() == {RELIANCE: "quote", SBIN: "quote"}
         # The websocket stayed up through the outage.
         assert max(sim.connections) == connection
         code, _ = await bridge.stop()
@@ -468,6 +476,7 @@ async def test_redis_restart_mid_stream_recovers(
         log = bridge.log.read_text()
         assert '"redis_unavailable"' in log
         assert '"redis_recovered"' in log
+        assert '"subscriptions_restored"' in log
     finally:
         await listener.close()
         await client.aclose()
