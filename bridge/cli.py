@@ -76,7 +76,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    # The probe reads only Redis, so it works in any container, with or without credentials.
+    settings = _load(args, require_credentials=False)
     configure_logging(settings.log_level, settings.log_format)
     health = importlib.import_module("bridge.health")
     return int(health.main(settings, args.max_age))

@@ -200,23 +200,34 @@ class Settings(BaseSettings):
             raise ValueError(exc.reason) from None
 
     @model_validator(mode="after")
-    def _credentials(self) -> Settings:
-        """The reference ``KiteFeed``'s rules, checked here so a bad start fails with exit 2."""
+    def _consistent(self) -> Settings:
         if self.max_wait < self.base_wait:
             raise ValueError("BRIDGE_MAX_WAIT: must be at least BRIDGE_BASE_WAIT")
+        if _REQUIRE_CREDENTIALS.get():
+            problem = self.credentials_problem()
+            if problem is not None:
+                raise ValueError(problem)
+        return self
+
+    def credentials_problem(self) -> str | None:
+        """The reference ``KiteFeed``'s rules (CONTRACT §1), so a bad start fails with exit 2.
+
+        Only commands that talk to Kite need them: ``bridge health`` reads Redis alone and must
+        work in a container whatever its credentials.
+        """
         if self.kite_access_token is None and self.kite_enctoken is None:
-            raise ValueError(
+            return (
                 "KITE_ACCESS_TOKEN / KITE_ENCTOKEN: no credentials; set KITE_ACCESS_TOKEN "
                 "(with KITE_API_KEY) or KITE_ENCTOKEN (with KITE_USER_ID)"
             )
         if self.kite_enctoken is not None and self.kite_user_id is None:
-            raise ValueError("KITE_USER_ID: required with KITE_ENCTOKEN")
+            return "KITE_USER_ID: required with KITE_ENCTOKEN"
         if self.kite_access_token is not None and self.kite_api_key == "kitefront":
-            raise ValueError(
+            return (
                 "KITE_API_KEY: an access token needs your Kite Connect api key; "
                 "'kitefront' is the Kite Web login, which uses KITE_ENCTOKEN"
             )
-        return self
+        return None
 
 
 #: Environment variable of every field.
@@ -234,6 +245,8 @@ _KNOWN_BRIDGE_VARS: Final = [*(e for e in _FIELD_OF_ENV if e.startswith("BRIDGE_
 #: What load_settings read from the TOML file, handed to settings_customise_sources, a
 #: classmethod that cannot be given arguments.
 _LOADED_TOML: ContextVar[dict[str, Any] | None] = ContextVar("_LOADED_TOML", default=None)
+#: Whether the settings being built must carry valid Kite credentials (see ``load_settings``).
+_REQUIRE_CREDENTIALS: ContextVar[bool] = ContextVar("_REQUIRE_CREDENTIALS", default=True)
 
 
 class _MappingSource(PydanticBaseSettingsSource):
@@ -361,10 +374,14 @@ def _describe(
     return f"{name}: {message}{more}"
 
 
-def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+def load_settings(
+    config_file: str | Path | None = None, *, require_credentials: bool = True, **overrides: Any
+) -> Settings:
     """Build the settings from every source; ``overrides`` (field names) win over all.
 
     ``None`` overrides are dropped, so a CLI can pass its options through unconditionally.
+    ``require_credentials=False`` skips the Kite credential rules (for probes that only read
+    Redis).
 
     Raises:
         ConfigError: with one line naming the setting and what is wrong.
@@ -376,6 +393,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     path = _config_path(config_file, dotenv)
     toml = _read_toml(path) if path else {}
     token = _LOADED_TOML.set(toml)
+    require = _REQUIRE_CREDENTIALS.set(require_credentials)
     try:
         settings = Settings(**given)
     except ValidationError as exc:
@@ -385,5 +403,6 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         raise ConfigError(redact_text(str(exc)).splitlines()[0]) from None
     finally:
         _LOADED_TOML.reset(token)
+        _REQUIRE_CREDENTIALS.reset(require)
     settings._config_file = path
     return settings

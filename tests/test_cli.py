@@ -285,6 +285,22 @@ def test_health_returns_the_probes_exit_code(
     assert seen[0][1] == max_age
 
 
+def test_health_needs_no_kite_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe only reads Redis: a container without credentials must still be probed."""
+    seen: list[str] = []
+
+    def probe(settings: Settings, age: float) -> int:
+        seen.append(settings.namespace)
+        return 0
+
+    monkeypatch.setenv("BRIDGE_NAMESPACE", "probe")
+    fake_module(monkeypatch, "bridge.health", main=probe)
+    assert main(["health"]) == 0
+    assert seen == ["probe"]
+    # ...while every command that talks to Kite still insists on them.
+    assert main(["check-config"]) == 2
+
+
 def test_health_rejects_a_bad_max_age() -> None:
     assert main(["health", "--max-age", "-1"]) == 2
     assert main(["health", "--max-age", "soon"]) == 2
