@@ -321,10 +321,14 @@ async def test_restart_restores_subscriptions_and_requeues_unfinished_commands(
     await redis.rpush(f"{namespace}:control", f"unsubscribe {SBIN}")
     handshakes = len(sim.handshakes)
     bridge = await start_bridge()
+
     # The first handshake already subscribes the stored set, before any command runs.
-    await sim.wait_for(lambda: len(sim.handshakes) > handshakes and bool(sim.connections), 10)
-    first_requests = [req for cid, req in sim.received if cid == max(sim.connections)]
-    assert first_requests[0]["a"] in ("subscribe", "mode")
+    def first_requests() -> list[dict[str, object]]:
+        newest = max(sim.connections, default=None)
+        return [req for cid, req in sim.received if cid == newest]
+
+    await sim.wait_for(lambda: len(sim.handshakes) > handshakes and bool(first_requests()), 10)
+    assert first_requests()[0]["a"] in ("subscribe", "mode")
     await sim.wait_for(lambda: sim.subscriptions() == {RELIANCE: "full"}, 5)
     assert await redis.llen(f"{namespace}:control:processing") == 0
     stored = await redis.hgetall(f"{namespace}:subscriptions")
