@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     #: ``/healthz``, ``/readyz``, ``/metrics``; 0 disables the HTTP server.
     http_port: int = Field(default=9100, ge=0, le=65535)
+    #: Address the HTTP endpoint binds: all interfaces (containers) by default.
+    http_host: str = Field(default="0.0.0.0", min_length=1)
     #: Seconds without any frame (ticks or heartbeats) before a connected feed is declared dead.
     liveness_timeout: float = Field(default=5.0, gt=0)
 

@@ -38,8 +38,10 @@ from bridge.kite.feed import KiteFeed
 from bridge.kite.messages import KiteError, KiteMessage
 from bridge.kite.records import Mode, Tick
 from bridge.kite.retry import AuthError, RetriesExhausted
+from bridge.metrics import BridgeMetrics, LatencyHistogram, TimedTransport
 from bridge.payload import event_json
-from bridge.publisher import Publisher
+from bridge.probes import ProbeServer, Readiness
+from bridge.publisher import LuaTransport, Publisher
 from bridge.redis_client import Outage, create_redis
 from bridge.status import State, StatusCounters, StatusReporter
 from bridge.subscriptions import SubscriptionStore
@@ -76,6 +78,10 @@ class _Stopping(Exception):
     """A stop was requested while start-up was still waiting for Redis."""
 
 
+class _ListenFailed(Exception):
+    """The HTTP endpoint could not bind its port (already logged)."""
+
+
 class Bridge:
     """One bridge process: ``await Bridge(settings).run()`` returns the exit code.
 
@@ -98,8 +104,14 @@ class Bridge:
         self.redis = redis or create_redis(settings.redis_url, client_name=f"bridge:{ns}")
         self._owns_redis = redis is None
         self.store = SubscriptionStore(self.redis, ns)
+        # Timed per batch, never per tick: the publisher exists before the metrics do.
+        latency = LatencyHistogram()
         self.publisher = Publisher(
-            self.redis, ns, base_wait=redis_base_wait, max_wait=redis_max_wait
+            self.redis,
+            ns,
+            transport=TimedTransport(LuaTransport(self.redis), latency),
+            base_wait=redis_base_wait,
+            max_wait=redis_max_wait,
         )
         self.feed = feed or self._make_feed()
         self._wire(self.feed)
@@ -113,6 +125,36 @@ class Bridge:
             max_wait=redis_max_wait,
         )
         self.status = StatusReporter(self.redis, ns, self._counters)
+        # Successful status writes (every second) and publish batches both prove Redis takes
+        # writes; either advancing keeps /readyz's Redis check green.
+        self.metrics = BridgeMetrics(
+            feed=self.feed,
+            publisher=self.publisher,
+            control=self.control,
+            state=lambda: self.status.state,
+            latency=latency,
+            redis_counters=lambda: self.status.writes + self.publisher.stats.batches,
+        )
+        self.probes: ProbeServer | None = None
+        if settings.http_port:
+            readiness = Readiness(
+                state=lambda: self.status.state,
+                connected=lambda: self.feed.connected,
+                reconciled=self._reconciled,
+                last_frame_age=self._last_frame_age,
+                redis_write_age=self.metrics.redis_writes.age,
+                max_frame_age=settings.liveness_timeout,
+            )
+            self.probes = ProbeServer(
+                metrics=self.metrics.render,
+                readiness=readiness.check,
+                liveness=lambda: {"state": self.status.state, "pid": os.getpid()},
+                host=settings.http_host,
+                port=settings.http_port,
+            )
+        self._sampler: asyncio.Task[None] | None = None
+        #: ``feed.stats.connections`` as of the latest successful resync with Redis.
+        self._resynced_connection = -1
         self.exit_code: int | None = None
         self._shutdown_timeout = shutdown_timeout
         self._redis_waits = (redis_base_wait, redis_max_wait)
@@ -187,9 +229,12 @@ class Bridge:
         code = EXIT_OK
         try:
             try:
+                await self._start_http()
                 await self._prepare()
             except _Stopping:
                 pass
+            except _ListenFailed:
+                code = EXIT_CRASH
             else:
                 self.status.set_state("connecting")
                 tasks["feed"] = asyncio.create_task(self.feed.connect(), name="feed")
@@ -222,6 +267,23 @@ class Bridge:
             rejected=self.control.stats.rejected,
         )
         return code
+
+    async def _start_http(self) -> None:
+        """Serve /healthz, /readyz and /metrics from the start: /readyz explains the waiting."""
+        if self.probes is None:
+            return
+        try:
+            await self.probes.start()
+        except OSError as exc:
+            _log.error(
+                "http_listen_failed",
+                host=self.probes.host,
+                port=self.probes.port,
+                error=str(exc),
+                hint="set BRIDGE_HTTP_PORT to a free port, or 0 to disable",
+            )
+            raise _ListenFailed from exc
+        self._sampler = asyncio.create_task(self.metrics.sample(), name="metrics-sampler")
 
     async def _prepare(self) -> None:
         """Everything that needs Redis before the feed may connect, each step retried."""
@@ -335,11 +397,17 @@ class Bridge:
         self, tasks: dict[str, asyncio.Task[Any]], status_task: asyncio.Task[None]
     ) -> None:
         """Cancel whatever a bounded shutdown step left running, then close Redis."""
-        leftovers = [t for t in (*tasks.values(), status_task, self._resync_task) if t]
+        leftovers = [
+            t for t in (*tasks.values(), status_task, self._resync_task, self._sampler) if t
+        ]
         for task in leftovers:
             task.cancel()
         await asyncio.gather(*leftovers, return_exceptions=True)
         await self.publisher.close(timeout=0)
+        if self.probes is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await self.probes.stop()
         if self._owns_redis:
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
@@ -357,6 +425,16 @@ class Bridge:
             subscriptions=len(self.feed.subscriptions),
         )
 
+    # -- readiness --------------------------------------------------------------------------
+
+    def _reconciled(self) -> bool:
+        """Whether the current connection's subscriptions were checked against Redis."""
+        return self.feed.connected and self._resynced_connection == self.feed.stats.connections
+
+    def _last_frame_age(self) -> float | None:
+        last = self.feed.stats.last_frame_monotonic
+        return None if last is None else time.monotonic() - last
+
     # -- desired set ------------------------------------------------------------------------
 
     async def _reconcile(self, desired: Mapping[int, Mode]) -> None:
@@ -365,20 +443,32 @@ class Bridge:
             await self.feed.reconcile(desired)
 
     async def _resync(self) -> None:
-        """After a (re)connect: make the feed follow Redis, which may have changed meanwhile."""
-        try:
-            async with self._sync_lock:
-                desired = await self.store.load()
-                await self.feed.reconcile(desired)
+        """After a (re)connect: make the feed follow Redis, which may have changed meanwhile.
+
+        Retried with backoff while Redis is down (the feed has already replayed its last known
+        set meanwhile), so /readyz does not stay red until the next reconnect.
+        """
+        connection = self.feed.stats.connections
+        base_wait, max_wait = self._redis_waits
+        outage = Outage("resync", _log, base_wait=base_wait, max_wait=max_wait)
+        while not self._stop.is_set():
+            try:
+                async with self._sync_lock:
+                    desired = await self.store.load()
+                    await self.feed.reconcile(desired)
+            except (RedisError, OSError) as exc:
+                await asyncio.sleep(outage.failed(exc))
+                continue
+            outage.recovered()
+            self._resynced_connection = connection
             _log.info("subscriptions_resynced", subscriptions=len(desired))
-        except (RedisError, OSError) as exc:
-            # The feed has already replayed its last known set; the next connect tries again.
-            _log.warning("resync_skipped", error=f"{type(exc).__name__}: {exc}")
+            return
 
     # -- feed handlers (run on the feed's dispatcher: keep them short) -----------------------
 
     def _on_tick(self, _feed: KiteFeed, ticks: list[Tick]) -> None:
         self.publisher.submit(ticks)
+        self.metrics.activity.observe(ticks)
         self._last_tick_at = time.time()
 
     def _on_order_update(self, _feed: KiteFeed, data: dict[str, Any]) -> None:

@@ -57,6 +57,7 @@ def test_defaults() -> None:
     assert (settings.max_retries, settings.base_wait, settings.max_wait) == (50, 2.0, 60.0)
     assert (settings.log_level, settings.log_format) == ("info", "auto")
     assert settings.http_port == 9100
+    assert settings.http_host == "0.0.0.0"
     assert settings.liveness_timeout == 5.0
     assert settings.config_file is None
 
@@ -78,6 +79,7 @@ def test_env_names() -> None:
         "log_level": "BRIDGE_LOG_LEVEL",
         "log_format": "BRIDGE_LOG_FORMAT",
         "http_port": "BRIDGE_HTTP_PORT",
+        "http_host": "BRIDGE_HTTP_HOST",
         "liveness_timeout": "BRIDGE_LIVENESS_TIMEOUT",
     }
 
@@ -96,6 +98,7 @@ def test_env_names() -> None:
         ("BRIDGE_LOG_LEVEL", "DEBUG", "log_level", "debug"),
         ("BRIDGE_LOG_FORMAT", "Json", "log_format", "json"),
         ("BRIDGE_HTTP_PORT", "0", "http_port", 0),
+        ("BRIDGE_HTTP_HOST", "127.0.0.1", "http_host", "127.0.0.1"),
         ("BRIDGE_LIVENESS_TIMEOUT", "2.5", "liveness_timeout", 2.5),
         ("bridge_namespace", "lower", "namespace", "lower"),
     ],

@@ -1,0 +1,1 @@
+"""Chaos tests: the real bridge process against injected faults (docs/reliability.md)."""

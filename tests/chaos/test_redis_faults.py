@@ -1,0 +1,204 @@
+"""Chaos on the Redis side: the server killed and restarted mid-stream, a subscriber that stalls.
+
+Both use a redis-server of their own (a free port, ``appendfsync always``) so that it can be
+killed with SIGKILL and reconfigured without touching the shared server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import orjson
+from helpers import wait_until
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from chaos.harness import Launch, Listen, MakeRedis, MakeSim, redis_up, scaled
+from chaos.test_feed_faults import assert_ticks_accounted, quiesce
+
+BASE_TOKEN = 5000 * 256 + 1  # NSE segment; 500 consecutive tokens from here
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class ExactlyOncePusher:
+    """RPUSHes each command exactly once although the server may die mid-request.
+
+    A push whose reply was lost is ambiguous: it may have landed. Before pushing again we look
+    for it where it can be by now, in the order it moves: the control list, the processing
+    list, its reply. With ``appendfsync always`` an acknowledged or landed push survives the
+    kill, so "not found anywhere" means "never landed".
+    """
+
+    def __init__(self, url: str, namespace: str) -> None:
+        self.url = url
+        self.client = Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2)
+        self.control = f"{namespace}:control"
+        self.processing = f"{namespace}:control:processing"
+        self.reply = f"{namespace}:reply:"
+        self.ambiguous = 0
+
+    async def push(self, cid: str, raw: bytes) -> None:
+        while True:
+            try:
+                await self.client.rpush(self.control, raw)
+                return
+            except _UNAVAILABLE:
+                self.ambiguous += 1
+            if await self._landed(cid, raw):
+                return
+
+    async def _landed(self, cid: str, raw: bytes) -> bool:
+        """Wait for the server, then look for the command; retried if it dies meanwhile."""
+        while True:
+            await wait_until(lambda: redis_up(self.url), within=30, step=0.05)
+            try:
+                return await self._find(cid, raw)
+            except _UNAVAILABLE:
+                continue
+
+    async def _find(self, cid: str, raw: bytes) -> bool:
+        return (
+            await self.client.lpos(self.control, raw.decode()) is not None
+            or await self.client.lpos(self.processing, raw.decode()) is not None
+            or bool(await self.client.exists(self.reply + cid))
+        )
+
+
+async def test_redis_killed_twice_while_500_commands_arrive(
+    make_sim: MakeSim, launch: Launch, listen: Listen, private_redis: MakeRedis, namespace: str
+) -> None:
+    count = int(scaled("CHAOS_REDIS_COMMANDS", 500))
+    server = await private_redis()
+    sim = await make_sim(tick_interval=0.5)
+    bridge = await launch(sim, server.url)
+    listener = await listen(server.url)
+    await wait_until(bridge.ready, within=15)
+    pusher = ExactlyOncePusher(server.url, namespace)
+    commands = [
+        (f"c{i}", {"id": f"c{i}", "action": "subscribe", "mode": "ltp", "tokens": [BASE_TOKEN + i]})
+        for i in range(count)
+    ]
+    outages: list[float] = []
+
+    async def produce() -> None:
+        for cid, body in commands:
+            await pusher.push(cid, orjson.dumps(body))
+            await asyncio.sleep(0.016)
+
+    async def kill_twice() -> None:
+        for _ in range(2):
+            await asyncio.sleep(2.5)
+            started = time.monotonic()
+            await server.kill()
+            await asyncio.sleep(1.5)  # longer than redis-py's own quick retries
+            assert bridge.alive()
+            await server.start()
+            outages.append(time.monotonic() - started)
+
+    await asyncio.gather(produce(), kill_twice())
+    client = pusher.client
+
+    async def all_replied() -> bool:
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for cid, _ in commands:
+                    pipe.exists(f"{namespace}:reply:{cid}")
+                return all(await pipe.execute())
+        except _UNAVAILABLE:
+            return False
+
+    await wait_until(all_replied, within=30, step=0.25)
+    extra_replies = 0
+    for cid, _ in commands:
+        replies = await client.lrange(f"{namespace}:reply:{cid}", 0, -1)
+        assert all(orjson.loads(reply)["ok"] for reply in replies), replies
+        # At-least-once results: a reply lost with the server may be answered again, never
+        # with a different effect. At most the command in flight at each kill.
+        extra_replies += len(replies) - 1
+    assert extra_replies <= len(outages)
+    expected = {BASE_TOKEN + i: "ltp" for i in range(count)}
+    stored = await client.hgetall(f"{namespace}:subscriptions")
+    assert stored == {str(token).encode(): mode.encode() for token, mode in expected.items()}
+    await sim.wait_for(lambda: sim.subscriptions() == expected, 15)
+    for key in ("control", "control:processing", "control:dead"):
+        assert await client.llen(f"{namespace}:{key}") == 0, key
+
+    # Ticks flow again to a subscriber that came back with the server, and the bridge
+    # accounted for every tick it decoded.
+    await wait_until(lambda: listener.reconnects >= 2, within=10)
+    before = listener.total_ticks
+    await wait_until(lambda: listener.total_ticks > before + count, within=10)
+    metrics = await bridge.metrics()
+    assert metrics.get("bridge_commands_total", result="applied") == count
+    assert metrics.get("bridge_commands_total", result="rejected") == 0
+    assert metrics["bridge_publish_errors_total"] > 0  # the outages were felt...
+    assert metrics.get("bridge_reconnects_total", cause="dropped") == 0  # ...not by the feed
+    await wait_until(bridge.ready, within=10)
+    assert_ticks_accounted(await quiesce(sim, bridge))
+    print(
+        f"outages={[round(o, 2) for o in outages]} commands={count} "
+        f"ambiguous_pushes={pusher.ambiguous} extra_replies={extra_replies}"
+    )
+    code, took = await bridge.stop()
+    assert (code, took < 5) == (0, True)
+    await client.aclose()
+
+
+def _resp(*parts: str) -> bytes:
+    out = [f"*{len(parts)}\r\n".encode()]
+    for part in parts:
+        data = part.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+async def test_a_subscriber_that_stops_reading_is_cut_off_not_the_bridge(
+    make_sim: MakeSim, launch: Launch, listen: Listen, private_redis: MakeRedis, namespace: str
+) -> None:
+    server = await private_redis()
+    admin = Redis.from_url(server.url)
+    await admin.config_set("client-output-buffer-limit", "pubsub 256kb 64kb 1")
+    tokens = ",".join(str(BASE_TOKEN + i) for i in range(50))
+    sim = await make_sim(tick_interval=0.05)
+    bridge = await launch(sim, server.url, BRIDGE_SUBSCRIBE=f"full:{tokens}")
+    listener = await listen(server.url)
+    await wait_until(bridge.ready, within=15)
+
+    # A subscriber that never reads: tiny receive buffer, so Redis's output buffer grows.
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(("127.0.0.1", server.port))
+    slow.sendall(_resp("CLIENT", "SETNAME", "slowpoke") + _resp("PSUBSCRIBE", f"{namespace}:*"))
+    try:
+
+        async def slow_is_connected() -> bool:
+            return any(c.get("name") == "slowpoke" for c in await admin.client_list())
+
+        await wait_until(slow_is_connected, within=5)
+        cut_at = time.monotonic()
+        await wait_until(lambda: _not(slow_is_connected()), within=20, step=0.1)
+        took = time.monotonic() - cut_at
+    finally:
+        slow.close()
+
+    before = listener.total_ticks
+    await wait_until(lambda: listener.total_ticks > before + 200, within=5)
+    assert bridge.alive()
+    metrics = await quiesce(sim, bridge)
+    assert metrics["bridge_publish_errors_total"] == 0
+    assert_ticks_accounted(metrics)
+    published = metrics["bridge_ticks_published_total"]
+    await wait_until(lambda: listener.total_ticks >= published, within=10)
+    assert listener.total_ticks == published  # the healthy subscriber missed nothing
+    print(f"slow subscriber cut off after {took:.1f}s; {published:.0f} ticks all delivered")
+    code, _ = await bridge.stop()
+    assert code == 0
+    await admin.aclose()
+
+
+async def _not(check: object) -> bool:
+    assert asyncio.iscoroutine(check)
+    return not await check
