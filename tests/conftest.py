@@ -8,28 +8,30 @@
 * otherwise the test is skipped with the reason, so a fresh machine without Redis still passes.
 
 Tests share one server, so each gets its own key namespace from ``namespace``.
+
+``server`` and ``redis`` are a fresh fakeredis server of the test's own and an async client of
+it; the tests on a real server (tests/chaos, the service integration) override ``redis``.
+``private_redis`` starts killable redis-servers of the test's own, ``launch`` ``bridge run``
+subprocesses (tests/helpers.py).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import fakeredis
 import pytest
 import redis
+from helpers import BridgeProcess, Launch, MakeRedis, PrivateRedis, bridge_env
+from redis.asyncio import Redis
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from bridge.simulator.server import Simulator
 
 
 def _wait_for_redis(url: str, timeout: float) -> None:
@@ -61,34 +63,74 @@ def redis_url() -> Iterator[str]:
     server = shutil.which("redis-server")
     if server is None:
         pytest.skip("needs Redis: set REDIS_URL or put redis-server on PATH")
-    port = _free_port()
     with tempfile.TemporaryDirectory(prefix="bridge-redis-") as tmp:
-        proc = subprocess.Popen(
-            [
-                server,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                tmp,
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        url = f"redis://127.0.0.1:{port}/0"
+        instance = PrivateRedis(server, Path(tmp))
+        instance.spawn()
         try:
-            _wait_for_redis(url, timeout=10)
-            yield url
+            _wait_for_redis(instance.url, timeout=10)
+            yield instance.url
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            instance.stop()
 
 
 @pytest.fixture
 def namespace() -> str:
     """A key prefix of this test's own, so tests sharing one Redis never see each other."""
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def server() -> fakeredis.FakeServer:
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture(name="redis")
+async def fake_redis(server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
+    client = fakeredis.FakeAsyncRedis(server=server)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[MakeRedis]:
+    """``await private_redis(*args, durable=False)``: a killable redis-server of this test's own."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server not on PATH: this test must kill and restart Redis")
+    servers: list[PrivateRedis] = []
+
+    async def make(*extra: str, durable: bool = False) -> PrivateRedis:
+        directory = tmp_path / f"redis-{len(servers)}"
+        directory.mkdir()
+        instance = PrivateRedis(server, directory, *extra, durable=durable)
+        await instance.start()
+        servers.append(instance)
+        return instance
+
+    yield make
+    for instance in servers:
+        await instance.kill()
+
+
+@pytest.fixture
+async def launch(tmp_path: Path, namespace: str) -> AsyncIterator[Launch]:
+    """``await launch(sim, redis_url, **env)`` starts ``bridge run`` against them."""
+    started: list[BridgeProcess] = []
+
+    async def start(sim: Simulator, redis_url: str, **env: str) -> BridgeProcess:
+        environment = bridge_env(
+            **{"KITE_WS_URL": sim.url, "REDIS_URL": redis_url, "BRIDGE_NAMESPACE": namespace, **env}
+        )
+        log = tmp_path / f"bridge-{len(started)}.log"
+        bridge = await BridgeProcess.start(environment, log, tmp_path)
+        started.append(bridge)
+        return bridge
+
+    yield start
+    for bridge in started:
+        if bridge.alive():
+            bridge.proc.kill()
+            await bridge.proc.wait()
+    for bridge in started:  # shown by pytest when the test failed
+        print(f"--- {bridge.log.name} (exit {bridge.proc.returncode})")
+        print(bridge.log.read_text(errors="replace")[-8000:])

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
+from helpers import FULL_KEYS, INDEX_FULL_KEYS, INDEX_QUOTE_KEYS, LTP_KEYS, QUOTE_KEYS
 
 from bridge.kite import codec
 from bridge.kite.codec import (
@@ -306,37 +307,11 @@ def test_max_uint32_timestamp() -> None:
 # Record shape (CONTRACT §3)
 
 OHLC_KEYS = ["open", "high", "low", "close"]
-LTP_KEYS = ["tradable", "mode", "instrument_token", "last_price"]
-INDEX_QUOTE_KEYS = [*LTP_KEYS, "ohlc", "change"]
-QUOTE_KEYS = [
-    *LTP_KEYS,
-    "last_traded_quantity",
-    "average_traded_price",
-    "volume_traded",
-    "total_buy_quantity",
-    "total_sell_quantity",
-    "ohlc",
-    "change",
-]
-FULL_KEYS = [
-    *QUOTE_KEYS,
-    "last_trade_time",
-    "oi",
-    "oi_day_high",
-    "oi_day_low",
-    "exchange_timestamp",
-    "depth",
-]
 
 ONE_OF_EACH: list[tuple[bytes, type, str, list[str]]] = [
     (LTP_PACKET, LtpTick, "ltp", LTP_KEYS),
     (INDEX_PACKET, IndexQuoteTick, "quote", INDEX_QUOTE_KEYS),
-    (
-        INDEX_PACKET + b"\x66\x69\x4b\x39",
-        IndexFullTick,
-        "full",
-        [*INDEX_QUOTE_KEYS, "exchange_timestamp"],
-    ),
+    (INDEX_PACKET + b"\x66\x69\x4b\x39", IndexFullTick, "full", INDEX_FULL_KEYS),
     (encode_packet(quote_tick()), QuoteTick, "quote", QUOTE_KEYS),
     (encode_packet(full_tick()), FullTick, "full", FULL_KEYS),
 ]

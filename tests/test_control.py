@@ -41,16 +41,7 @@ class FeedSpy:
         self.calls.append(dict(desired))
 
 
-@pytest.fixture
-def server() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
-
-
-@pytest.fixture
-async def redis(server: fakeredis.FakeServer) -> AsyncIterator[Redis]:
-    client = fakeredis.FakeAsyncRedis(server=server)
-    yield client
-    await client.aclose()
+# ``server`` and ``redis`` (fakeredis) come from tests/conftest.py.
 
 
 @pytest.fixture

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import structlog
+from helpers import free_port
 from structlog.testing import LogCapture
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import InvalidStatus
@@ -123,13 +123,6 @@ def modes_seen(ticks: list[Tick]) -> dict[int, set[str]]:
     for tick in ticks:
         seen.setdefault(tick.instrument_token, set()).add(tick.mode)
     return seen
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --------------------------------------------------------------------------------------------

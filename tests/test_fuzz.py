@@ -16,7 +16,7 @@ import struct
 from typing import Any, cast
 
 import orjson
-from helpers import ltp
+from helpers import FULL_KEYS, INDEX_FULL_KEYS, INDEX_QUOTE_KEYS, LTP_KEYS, QUOTE_KEYS, ltp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -33,24 +33,12 @@ from bridge.simulator.server import Simulator
 
 PROFILE = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=150)
 
-BASE = {"tradable", "mode", "instrument_token", "last_price"}
-INDEX_QUOTE = BASE | {"ohlc", "change"}
-QUOTE = BASE | {
-    "last_traded_quantity",
-    "average_traded_price",
-    "volume_traded",
-    "total_buy_quantity",
-    "total_sell_quantity",
-    "ohlc",
-    "change",
-}
-FULL = QUOTE | {"last_trade_time", "oi", "oi_day_high", "oi_day_low", "exchange_timestamp", "depth"}
 KEYS_BY_LENGTH = {
-    8: BASE,
-    28: INDEX_QUOTE,
-    32: INDEX_QUOTE | {"exchange_timestamp"},
-    44: QUOTE,
-    184: FULL,
+    8: set(LTP_KEYS),
+    28: set(INDEX_QUOTE_KEYS),
+    32: set(INDEX_FULL_KEYS),
+    44: set(QUOTE_KEYS),
+    184: set(FULL_KEYS),
 }
 
 #: Packets of every accepted length with arbitrary content: random prices, timestamps, depth.

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
-from helpers import wait_until
+from helpers import free_port, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from redis.asyncio import Redis
@@ -47,13 +47,6 @@ async def fetch(port: int, path: str, method: str = "GET", extra: str = "") -> R
         name, _, text = line.partition(":")
         headers[name.strip().lower()] = text.strip()
     return Reply(int(status_line.split()[1]), headers, body)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- Readiness -------------------------------------------------------------------------------

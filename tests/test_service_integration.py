@@ -7,20 +7,28 @@ subscribers on ``<ns>:ticks:*`` and ``<ns>:events``.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
+import functools
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
 import pytest
-from helpers import wait_until
+from helpers import (
+    FULL_KEYS,
+    INDEX_FULL_KEYS,
+    INDEX_QUOTE_KEYS,
+    LTP_KEYS,
+    QUOTE_KEYS,
+    TOKEN,
+    BridgeProcess,
+    Launch,
+    MakeRedis,
+    command,
+    free_port,
+    wait_until,
+)
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -29,57 +37,7 @@ from bridge.simulator.server import Simulator
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "sim-access-token"
-
-LTP_KEYS = {"tradable", "mode", "instrument_token", "last_price"}
-INDEX_QUOTE_KEYS = LTP_KEYS | {"ohlc", "change"}
-INDEX_FULL_KEYS = INDEX_QUOTE_KEYS | {"exchange_timestamp"}
-QUOTE_KEYS = LTP_KEYS | {
-    "last_traded_quantity",
-    "average_traded_price",
-    "volume_traded",
-    "total_buy_quantity",
-    "total_sell_quantity",
-    "ohlc",
-    "change",
-}
-FULL_KEYS = QUOTE_KEYS | {
-    "last_trade_time",
-    "oi",
-    "oi_day_high",
-    "oi_day_low",
-    "exchange_timestamp",
-    "depth",
-}
 NIFTY, BANKNIFTY, INFY, RELIANCE, SBIN = 256265, 260105, 408065, 738561, 779521
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class BridgeProcess:
-    """One ``bridge run`` subprocess, its log kept in a file for failure reports."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
-        self.proc = proc
-        self.log = log
-
-    async def stop(self, sig: int = signal.SIGTERM, within: float = 5.0) -> tuple[int, float]:
-        started = time.monotonic()
-        self.proc.send_signal(sig)
-        code = await asyncio.wait_for(self.proc.wait(), within)
-        return code, time.monotonic() - started
-
-    async def wait(self, within: float) -> int:
-        return await asyncio.wait_for(self.proc.wait(), within)
-
-    def alive(self) -> bool:
-        return self.proc.returncode is None
 
 
 StartBridge = Callable[..., Awaitable[BridgeProcess]]
@@ -94,50 +52,9 @@ async def sim() -> AsyncIterator[Simulator]:
 
 
 @pytest.fixture
-async def start_bridge(
-    tmp_path: Path, namespace: str, redis_url: str, sim: Simulator
-) -> AsyncIterator[StartBridge]:
-    started: list[BridgeProcess] = []
-
-    async def start(**env_overrides: str) -> BridgeProcess:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("BRIDGE_", "KITE_")) and k != "REDIS_URL"
-        }
-        env.update(
-            PYTHONPATH=str(ROOT),
-            KITE_WS_URL=sim.url,
-            KITE_API_KEY="test-key",
-            KITE_ACCESS_TOKEN=TOKEN,
-            REDIS_URL=redis_url,
-            BRIDGE_NAMESPACE=namespace,
-            BRIDGE_HTTP_PORT="0",
-            BRIDGE_BASE_WAIT="0.1",
-            BRIDGE_MAX_WAIT="0.5",
-            BRIDGE_LIVENESS_TIMEOUT="1",
-            BRIDGE_LOG_FORMAT="json",
-            BRIDGE_LOG_LEVEL="info",
-        )
-        env.update(env_overrides)
-        log = tmp_path / f"bridge-{len(started)}.log"
-        with log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bridge", "run",
-                cwd=tmp_path, env=env, stdout=out, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
-        bridge = BridgeProcess(proc, log)
-        started.append(bridge)
-        return bridge
-
-    yield start
-    for bridge in started:
-        if bridge.alive():
-            bridge.proc.kill()
-            await bridge.proc.wait()
-    for bridge in started:  # shown by pytest when the test failed
-        print(f"--- {bridge.log.name} (exit {bridge.proc.returncode})")
-        print(bridge.log.read_text(errors="replace")[-6000:])
+def start_bridge(launch: Launch, sim: Simulator, redis_url: str) -> StartBridge:
+    """``await start_bridge(**env)``: ``bridge run`` on ``sim`` and ``redis_url``, no HTTP port."""
+    return functools.partial(launch, sim, redis_url, BRIDGE_HTTP_PORT="0")
 
 
 @pytest.fixture
@@ -193,15 +110,6 @@ async def listener(redis_url: str, namespace: str) -> AsyncIterator[Listener]:
     await listening.close()
 
 
-async def command(redis: Redis, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Send a JSON command with an id and wait for its reply, as an operator would."""
-    await redis.rpush(f"{namespace}:control", orjson.dumps(body))
-    reply = await redis.blpop([f"{namespace}:reply:{body['id']}"], 10)
-    assert reply is not None, f"no reply to {body}"
-    result: dict[str, Any] = orjson.loads(reply[1])
-    return result
-
-
 async def status(redis: Redis, namespace: str) -> dict[str, str]:
     raw = await redis.hgetall(f"{namespace}:status")
     return {_text(k): _text(v) for k, v in raw.items()}
@@ -227,11 +135,11 @@ async def test_commands_ticks_replies_dead_letters_and_reconnect(
     await redis.rpush(f"{namespace}:control", f"subscribe quote {BANKNIFTY} {RELIANCE}")
     await redis.rpush(f"{namespace}:control", f"subscribe ltp {SBIN}")
     expected_keys = {
-        NIFTY: INDEX_FULL_KEYS,
-        INFY: FULL_KEYS,
-        BANKNIFTY: INDEX_QUOTE_KEYS,
-        RELIANCE: QUOTE_KEYS,
-        SBIN: LTP_KEYS,
+        NIFTY: set(INDEX_FULL_KEYS),
+        INFY: set(FULL_KEYS),
+        BANKNIFTY: set(INDEX_QUOTE_KEYS),
+        RELIANCE: set(QUOTE_KEYS),
+        SBIN: set(LTP_KEYS),
     }
     await wait_until(lambda: all(listener.ticks(t) for t in expected_keys), within=10)
     for token, keys in expected_keys.items():
@@ -374,13 +282,13 @@ async def test_a_silent_feed_is_declared_stale_and_reconnected(
 
 
 async def test_retries_exhausted_exits_4(start_bridge: StartBridge) -> None:
-    nobody = f"ws://127.0.0.1:{_free_port()}"
+    nobody = f"ws://127.0.0.1:{free_port()}"
     bridge = await start_bridge(KITE_WS_URL=nobody, BRIDGE_MAX_RETRIES="1")
     assert await bridge.wait(10) == 4
 
 
 async def test_sigterm_while_waiting_for_redis_exits_0(start_bridge: StartBridge) -> None:
-    bridge = await start_bridge(REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0")
+    bridge = await start_bridge(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     await asyncio.sleep(1.0)  # imports done, now retrying Redis
     assert bridge.alive()
     code, took = await bridge.stop()
@@ -391,7 +299,7 @@ async def test_sigterm_while_waiting_for_redis_exits_0(start_bridge: StartBridge
 
 async def test_a_second_signal_forces_exit(start_bridge: StartBridge) -> None:
     # With Redis unreachable the graceful shutdown waits out its flush budget (about 1.5 s).
-    bridge = await start_bridge(REDIS_URL=f"redis://127.0.0.1:{_free_port()}/0")
+    bridge = await start_bridge(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     await asyncio.sleep(1.0)
     bridge.proc.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.2)
@@ -402,44 +310,14 @@ async def test_a_second_signal_forces_exit(start_bridge: StartBridge) -> None:
     assert '"forced exit"' in bridge.log.read_text()
 
 
-class PrivateRedis:
-    """A redis-server of our own on a free port, so it can be killed and started again."""
-
-    def __init__(self, server: str, directory: Path) -> None:
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._argv = [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                      "--appendonly", "no", "--dir", str(directory)]  # fmt: skip
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self._argv, stdout=subprocess.DEVNULL)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server not on PATH: cannot test a Redis restart")
-    redis_server = PrivateRedis(server, tmp_path)
-    redis_server.start()
-    yield redis_server
-    redis_server.kill()
-
-
 async def test_redis_restart_mid_stream_recovers(
-    start_bridge: StartBridge, sim: Simulator, namespace: str, private_redis: PrivateRedis
+    start_bridge: StartBridge, sim: Simulator, namespace: str, private_redis: MakeRedis
 ) -> None:
-    client = create_redis(private_redis.url)  # retries, like the bridge's own client
+    server = await private_redis()
+    client = create_redis(server.url)  # retries, like the bridge's own client
     await wait_until(lambda: _try(client.ping()), within=5)
-    bridge = await start_bridge(REDIS_URL=private_redis.url)
-    listener = Listener(private_redis.url, namespace)
+    bridge = await start_bridge(REDIS_URL=server.url)
+    listener = Listener(server.url, namespace)
     await listener.start()
     try:
         result = await command(
@@ -450,12 +328,12 @@ async def test_redis_restart_mid_stream_recovers(
         await listener.close()
         connection = max(sim.connections)
 
-        private_redis.kill()  # kill -9: nothing persisted, every connection reset
+        await server.kill()  # kill -9: nothing persisted, every connection reset
         await asyncio.sleep(1.5)  # long enough to outlast redis-py's own quick retries
         assert bridge.alive()
-        private_redis.start()
+        await server.start()
 
-        listener = Listener(private_redis.url, namespace)
+        listener = Listener(server.url, namespace)
         await wait_until(lambda: _try(listener.start()), within=5)
         await wait_until(lambda: bool(listener.ticks(RELIANCE)), within=10)
         # Commands work again. The unpersisted Redis lost the stored set, but the bridge

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import fakeredis
 import pytest
-from helpers import wait_until
+from helpers import free_port, wait_until
 from pydantic import SecretStr
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
@@ -31,9 +31,7 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def server() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
+# ``server`` (fakeredis) comes from tests/conftest.py; this ``redis`` decodes responses.
 
 
 @pytest.fixture
@@ -180,11 +178,7 @@ async def test_health_main_against_a_live_status(redis_url: str, namespace: str)
 
 
 def test_health_main_when_redis_is_unreachable() -> None:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     settings = _settings(f"redis://user:hunter2@127.0.0.1:{port}/0", "h")
     err = io.StringIO()
     assert main(settings, 10.0, stderr=err) == 1

@@ -1,12 +1,12 @@
 """Fixtures of the chaos tests: the real simulator, the real ``bridge run``, real Redis.
 
 Every test here is marked ``redis`` and ``slow``; they still run in the default suite. Long
-variants are opt-in through environment variables (see docs/reliability.md).
+variants are opt-in through environment variables (see docs/reliability.md). ``launch`` and
+``private_redis`` come from tests/conftest.py.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,16 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from bridge.simulator.server import Simulator
-from chaos.harness import (
-    BridgeProcess,
-    Launch,
-    Listen,
-    Listener,
-    MakeRedis,
-    MakeSim,
-    PrivateRedis,
-    bridge_env,
-)
+from chaos.harness import Listen, Listener, MakeSim
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -53,30 +44,6 @@ async def make_sim() -> AsyncIterator[MakeSim]:
         await sim.stop()
 
 
-@pytest.fixture
-async def launch(tmp_path: Path, namespace: str) -> AsyncIterator[Launch]:
-    """``await launch(sim, redis_url, **env)`` starts ``bridge run`` against them."""
-    started: list[BridgeProcess] = []
-
-    async def start(sim: Simulator, redis_url: str, **env: str) -> BridgeProcess:
-        environment = bridge_env(
-            KITE_WS_URL=sim.url, REDIS_URL=redis_url, BRIDGE_NAMESPACE=namespace, **env
-        )
-        log = tmp_path / f"bridge-{len(started)}.log"
-        bridge = await BridgeProcess.start(environment, log, tmp_path)
-        started.append(bridge)
-        return bridge
-
-    yield start
-    for bridge in started:
-        if bridge.alive():
-            bridge.proc.kill()
-            await bridge.proc.wait()
-    for bridge in started:  # shown by pytest when the test failed
-        print(f"--- {bridge.log.name} (exit {bridge.proc.returncode})")
-        print(bridge.log.read_text(errors="replace")[-8000:])
-
-
 @pytest.fixture(autouse=True)
 async def redis(redis_url: str, namespace: str) -> AsyncIterator[Redis]:
     """A client of the shared server; this test's keys are deleted afterwards (always)."""
@@ -86,27 +53,6 @@ async def redis(redis_url: str, namespace: str) -> AsyncIterator[Redis]:
     for start in range(0, len(keys), 1000):
         await client.delete(*keys[start : start + 1000])
     await client.aclose()
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[MakeRedis]:
-    """``await private_redis(*args)``: a killable redis-server of this test's own."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server not on PATH: this test must kill and restart Redis")
-    servers: list[PrivateRedis] = []
-
-    async def make(*extra: str) -> PrivateRedis:
-        directory = tmp_path / f"redis-{len(servers)}"
-        directory.mkdir()
-        instance = PrivateRedis(server, directory, *extra)
-        await instance.start()
-        servers.append(instance)
-        return instance
-
-    yield make
-    for instance in servers:
-        await instance.kill()
 
 
 @pytest.fixture

@@ -17,11 +17,11 @@ from functools import partial
 from typing import Any
 
 import orjson
-from helpers import wait_until
+from helpers import TOKEN, BridgeProcess, Launch, Metrics, wait_until
 from redis.asyncio import Redis
 
 from bridge.simulator.server import Simulator
-from chaos.harness import TOKEN, BridgeProcess, Launch, Listen, MakeSim, Metrics, scaled
+from chaos.harness import Listen, MakeSim, scaled
 
 #: NSE-segment tokens (token & 0xFF == 1) the command producer draws from.
 POOL = [(4000 + i) * 256 + 1 for i in range(40)]

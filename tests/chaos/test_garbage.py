@@ -13,7 +13,7 @@ import string
 from collections.abc import Callable
 
 import orjson
-from helpers import wait_until
+from helpers import Launch, command, wait_until
 from redis.asyncio import Redis
 
 from bridge.commands import CommandError, apply_command, parse_command
@@ -21,7 +21,7 @@ from bridge.kite.codec import FrameError, decode_frame, encode_frame
 from bridge.kite.messages import InvalidText, parse_text_frame
 from bridge.kite.records import LtpTick
 from bridge.payload import command_text
-from chaos.harness import Launch, Listen, MakeSim, scaled
+from chaos.harness import Listen, MakeSim, scaled
 from chaos.test_feed_faults import assert_ticks_accounted, quiesce
 
 INFY = 408065
@@ -114,13 +114,10 @@ async def test_ten_thousand_garbage_commands_are_rejected_and_memory_stays_flat(
     assert await redis.hgetall(f"{namespace}:subscriptions") == {}
 
     # Still alive, still applying good commands.
-    await redis.rpush(
-        control,
-        orjson.dumps({"id": "good", "action": "subscribe", "mode": "full", "tokens": [INFY]}),
+    result = await command(
+        redis, namespace, {"id": "good", "action": "subscribe", "mode": "full", "tokens": [INFY]}
     )
-    reply = await redis.blpop([f"{namespace}:reply:good"], 10)
-    assert reply is not None
-    assert orjson.loads(reply[1])["ok"] is True
+    assert result["ok"] is True
     await wait_until(lambda: listener.ticks[INFY] > 0, within=10)
     assert sim.subscriptions() == {INFY: "full"}
     growth = rss_after - rss_before

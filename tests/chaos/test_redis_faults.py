@@ -11,12 +11,12 @@ import socket
 import time
 
 import orjson
-from helpers import wait_until
+from helpers import Launch, MakeRedis, redis_up, wait_until
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from chaos.harness import Launch, Listen, MakeRedis, MakeSim, redis_up, scaled
+from chaos.harness import Listen, MakeSim, scaled
 from chaos.test_feed_faults import assert_ticks_accounted, quiesce
 
 BASE_TOKEN = 5000 * 256 + 1  # NSE segment; 500 consecutive tokens from here
@@ -71,7 +71,7 @@ async def test_redis_killed_twice_while_500_commands_arrive(
     make_sim: MakeSim, launch: Launch, listen: Listen, private_redis: MakeRedis, namespace: str
 ) -> None:
     count = int(scaled("CHAOS_REDIS_COMMANDS", 500))
-    server = await private_redis()
+    server = await private_redis(durable=True)
     sim = await make_sim(tick_interval=0.5)
     bridge = await launch(sim, server.url)
     listener = await listen(server.url)
@@ -158,7 +158,7 @@ def _resp(*parts: str) -> bytes:
 async def test_a_subscriber_that_stops_reading_is_cut_off_not_the_bridge(
     make_sim: MakeSim, launch: Launch, listen: Listen, private_redis: MakeRedis, namespace: str
 ) -> None:
-    server = await private_redis()
+    server = await private_redis(durable=True)
     admin = Redis.from_url(server.url)
     await admin.config_set("client-output-buffer-limit", "pubsub 256kb 64kb 1")
     tokens = ",".join(str(BASE_TOKEN + i) for i in range(50))
