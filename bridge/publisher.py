@@ -1,8 +1,15 @@
 """Bounded hand-off from the feed to Redis pub/sub, published in batches.
 
 The feed's reader calls :meth:`Publisher.submit` for every decoded frame. It must never wait
-for Redis, so ``submit`` only appends to a buffer and wakes the sender task, which publishes
-everything that accumulated (events first, then ticks) in ONE round trip.
+for Redis, so ``submit`` only serialises the ticks, appends the ready (channel, JSON) pairs to a
+buffer and wakes the sender task, which publishes everything that accumulated (events first,
+then ticks) in ONE round trip.
+
+Serialising in ``submit`` rather than in the sender is deliberate: the buffer then holds bytes,
+which the garbage collector never scans, and each tick's 14 dataclass objects die as soon as its
+frame is handed off instead of surviving into older GC generations. Holding the records instead
+made the whole path about 2x slower at full-mode firehose rates (measured with bench/e2e.py;
+see docs/performance.md).
 
 Overflow policy (Redis slow or down): ticks queue in arrival order up to ``max_pending``. Past
 that the buffer is *conflated*: only the newest tick per instrument is kept and every tick
@@ -169,9 +176,10 @@ class Publisher:
             self._transport = transport
         self._outage = Outage("publish", _log, base_wait=base_wait, max_wait=max_wait)
         self._channels: dict[int, bytes] = {}
-        # Arrival order while under max_pending; None until the first overflow.
-        self._buffer: list[Tick] = []
-        self._latest: dict[int, Tick] | None = None
+        # Ready ticks, flat: channel, message, channel, message... in arrival order while under
+        # max_pending. Once conflating: channel -> newest message (None until the first overflow).
+        self._buffer: list[bytes] = []
+        self._latest: dict[bytes, bytes] | None = None
         self._events: deque[tuple[bytes, bytes]] = deque()
         self._in_flight = 0
         self._wake = asyncio.Event()
@@ -186,23 +194,24 @@ class Publisher:
     def pending(self) -> int:
         """Ticks and events waiting to be sent (the batch in flight included)."""
         latest = 0 if self._latest is None else len(self._latest)
-        return len(self._buffer) + latest + len(self._events) + self._in_flight
+        return len(self._buffer) // 2 + latest + len(self._events) + self._in_flight
 
     def submit(self, ticks: Sequence[Tick]) -> None:
-        """Queue ``ticks`` for publishing. O(len(ticks)), never waits, never raises on Redis."""
+        """Serialise and queue ``ticks``. O(len(ticks)), never waits, never raises on Redis."""
         if not ticks:
             return
+        ready = self._ready(ticks)
         latest = self._latest
         if latest is None:
-            self._buffer.extend(ticks)
-            if len(self._buffer) > self._max_pending:
+            self._buffer += ready
+            if len(self._buffer) > 2 * self._max_pending:
                 self._conflate()
         else:
-            for tick in ticks:
-                token = tick.instrument_token
-                if token in latest:
+            it = iter(ready)
+            for channel, message in zip(it, it, strict=True):
+                if channel in latest:
                     self.stats.replaced += 1
-                latest[token] = tick
+                latest[channel] = message
         self._kick()
 
     def publish_event(self, event: bytes) -> None:
@@ -257,8 +266,9 @@ class Publisher:
     async def send_once(self) -> bool:
         """Send one batch of what is pending; on failure put it back and wait the backoff."""
         events, ticks = self._take()
-        flat = self._encode(events, ticks)
-        self._in_flight = len(events) + len(ticks)
+        flat = [part for event in events for part in event]
+        flat += ticks
+        self._in_flight = len(events) + len(ticks) // 2
         started = self._clock()
         try:
             unheard = await self._transport(flat) if flat else 0
@@ -303,10 +313,9 @@ class Publisher:
         self._kick()
 
     def _conflate(self) -> None:
-        latest: dict[int, Tick] = {}
-        for tick in self._buffer:
-            latest[tick.instrument_token] = tick
-        self.stats.replaced += len(self._buffer) - len(latest)
+        it = iter(self._buffer)
+        latest = dict(zip(it, it, strict=True))  # later pairs win: the newest per channel
+        self.stats.replaced += len(self._buffer) // 2 - len(latest)
         self._buffer = []
         self._latest = latest
         now = time.monotonic()
@@ -318,26 +327,26 @@ class Publisher:
                 replaced_total=self.stats.replaced,
             )
 
-    def _take(self) -> tuple[list[tuple[bytes, bytes]], list[Tick]]:
+    def _take(self) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+        """The next batch: all events, and at most ``batch_max`` ticks as flat pairs."""
         events = list(self._events)
         self._events.clear()
         room = self._batch_max
         latest = self._latest
+        ticks: list[bytes]
         if latest is not None:
-            if len(latest) <= room:
-                ticks = list(latest.values())
+            keys = list(islice(latest, room))
+            ticks = [part for key in keys for part in (key, latest.pop(key))]
+            if not latest:
                 self._latest = None
-            else:
-                keys = list(islice(latest, room))
-                ticks = [latest.pop(key) for key in keys]
-        elif len(self._buffer) <= room:
+        elif len(self._buffer) <= 2 * room:
             ticks, self._buffer = self._buffer, []
         else:
-            ticks = self._buffer[:room]
-            del self._buffer[:room]
+            ticks = self._buffer[: 2 * room]
+            del self._buffer[: 2 * room]
         return events, ticks
 
-    def _put_back(self, events: list[tuple[bytes, bytes]], ticks: list[Tick]) -> None:
+    def _put_back(self, events: list[tuple[bytes, bytes]], ticks: list[bytes]) -> None:
         """Return a failed batch to the front of the queues, still within the bounds."""
         if events:
             merged = events + list(self._events)
@@ -349,19 +358,18 @@ class Publisher:
         latest = self._latest
         if latest is None:
             self._buffer[:0] = ticks
-            if len(self._buffer) > self._max_pending:
+            if len(self._buffer) > 2 * self._max_pending:
                 self._conflate()
             return
         # Conflated: the failed ticks are older than anything buffered since.
-        older: dict[int, Tick] = {}
-        for tick in ticks:
-            older[tick.instrument_token] = tick
-        self.stats.replaced += len(ticks) - len(older)
-        for token, tick in older.items():
-            if token in latest:
+        it = iter(ticks)
+        older = dict(zip(it, it, strict=True))
+        self.stats.replaced += len(ticks) // 2 - len(older)
+        for channel, message in older.items():
+            if channel in latest:
                 self.stats.replaced += 1
             else:
-                latest[token] = tick
+                latest[channel] = message
 
     def _channel(self, token: int) -> bytes:
         channel = self._channels.get(token)
@@ -369,20 +377,20 @@ class Publisher:
             channel = self._channels[token] = f"{self._prefix}{token}".encode()
         return channel
 
-    def _encode(self, events: list[tuple[bytes, bytes]], ticks: list[Tick]) -> list[bytes]:
+    def _ready(self, ticks: Sequence[Tick]) -> list[bytes]:
+        """``ticks`` as flat (channel, JSON) pairs."""
         flat: list[bytes] = []
-        for channel, message in events:
-            flat.append(channel)
-            flat.append(message)
+        append = flat.append
         serialize = self._serialize
+        channels = self._channels
         channel_of = self._channel
         try:
             for tick in ticks:
-                flat.append(channel_of(tick.instrument_token))
-                flat.append(serialize(tick))
+                append(channels.get(tick.instrument_token) or channel_of(tick.instrument_token))
+                append(serialize(tick))
         except Exception:
-            # Rare (a codec bug): redo the batch tick by tick, dropping only the bad ones.
-            del flat[2 * len(events) :]
+            # Rare (a codec bug): redo the frame tick by tick, dropping only the bad ones.
+            flat.clear()
             for tick in ticks:
                 try:
                     message = serialize(tick)

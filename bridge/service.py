@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -513,8 +514,30 @@ async def _main(settings: Settings) -> int:
     return await bridge.run()
 
 
+#: Young-generation threshold while running (CPython's default is 700). See ``_tune_gc``.
+GC_GEN0_THRESHOLD: Final = 50_000
+
+
+def _tune_gc() -> None:
+    """Make the cyclic garbage collector cheap on the tick path.
+
+    A full-mode frame decodes into ~14 container objects per tick (hundreds of ticks per frame)
+    that all die by reference counting moments later; the collector would still walk them every
+    700 allocations, and walk every long-lived object of the process on each older-generation
+    pass. Freezing what start-up allocated and collecting the young generation every 50,000
+    allocations instead cut the per-tick CPU of decode + serialise by ~40 % (measured: 12.8 ->
+    7.5 µs per full tick, docs/performance.md). The bridge creates few reference cycles, so the
+    memory cost is nil.
+    """
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def run(settings: Settings) -> int:
     """Run the bridge on a fresh event loop until it stops; return the process exit code."""
+    _tune_gc()
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if os.environ.get(UVLOOP_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
         try:

@@ -222,9 +222,9 @@ async def test_a_tick_that_cannot_be_serialised_is_dropped_alone(
         return tick_json(tick)
 
     publisher, _ = make(redis, serialize=serialize)
-    publisher.submit([ltp(1), ltp(2), ltp(3)])
-    with capture_logs() as logs:
-        assert await publisher.send_once()
+    with capture_logs() as logs:  # ticks are serialised as they are handed off
+        publisher.submit([ltp(1), ltp(2), ltp(3)])
+    assert await publisher.send_once()
     assert [c for c, _ in await received(listener, 2)] == [f"{NS}:ticks:1", f"{NS}:ticks:3"]
     assert publisher.stats.serialize_errors == 1
     assert publisher.stats.published == 2
