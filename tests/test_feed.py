@@ -460,6 +460,27 @@ async def test_slow_consumer_backpressure_is_not_stale(sim: Simulator) -> None:
     assert feed.stats.reconnects == 0
 
 
+async def test_backpressure_also_bounds_the_bytes_waiting(sim: Simulator) -> None:
+    """Big full-mode frames: the inbox stops taking frames at ``queue_bytes``, not only count."""
+    sim.set_tick_interval(0.005)
+    delivered = 0
+
+    async def slow(feed: KiteFeed, ticks: list[Tick]) -> None:
+        nonlocal delivered
+        await asyncio.sleep(0.03)
+        delivered += 1
+
+    # One full packet is 184 bytes: at most two frames fit under 400 bytes, whatever queue_size.
+    feed = make_feed(sim.url, on_tick=slow, queue_size=10_000, queue_bytes=400)
+    await feed.subscribe_symbols([INFY], "full")
+    task = asyncio.create_task(feed.connect(close_timeout=10))
+    await wait_for(lambda: feed.stats.backpressure_waits >= 3 and delivered >= 10)
+    assert feed.pending <= 4  # frames under the byte bound plus lifecycle events
+    await asyncio.wait_for(feed.close(), 5)
+    await task
+    assert feed.stats.reconnects == 0
+
+
 # --------------------------------------------------------------------------------------------
 # Faults and reconnects
 

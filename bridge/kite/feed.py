@@ -14,11 +14,13 @@ Tasks while ``connect()`` runs:
   events (connect, disconnect, reconnect) travel through the same inbox, so a handler sees the
   ticks of a connection before its ``on_disconnect``.
 
-Backpressure, deliberately without dropping: the inbox holds up to ``queue_size`` frames. When
-it is full the reader waits, websockets stops reading the socket and TCP pushes back on the
-server. A market-data feed must not lose ticks silently; a consumer that cannot keep up shows up
-as ``stats.backpressure_waits`` and, if the server gives up on us, as a counted reconnect. While
-the reader waits, the silence is ours, so the watchdog does not call it stale.
+Backpressure, deliberately without dropping: the inbox holds up to ``queue_size`` frames and
+``queue_bytes`` bytes (a full-mode frame of 3000 instruments is ~560 KB, so a frame count alone
+would not bound memory). When it is full the reader waits, websockets stops reading the socket
+and TCP pushes back on the server. A market-data feed must not lose ticks silently; a consumer
+that cannot keep up shows up as ``stats.backpressure_waits`` and, if the server gives up on us,
+as a counted reconnect. While the reader waits, the silence is ours, so the watchdog does not
+call it stale.
 """
 
 from __future__ import annotations
@@ -202,9 +204,12 @@ class _Inbox:
     there without a coroutine per item, which is most of the hand-off's cost per frame.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_bytes: int) -> None:
         self.items: deque[_Item] = deque()
         self.limit = limit
+        self.max_bytes = max_bytes
+        #: Bytes of the frames waiting (lifecycle events count as nothing).
+        self.size = 0
         self._low = limit // 2
         self.ready = asyncio.Event()
         self._space = asyncio.Event()
@@ -223,11 +228,15 @@ class _Inbox:
         self.items.append(item)
         self.ready.set()
 
+    def full(self) -> bool:
+        return len(self.items) >= self.limit or self.size >= self.max_bytes
+
     async def put_frame(self, item: bytes | str) -> None:
         """Wait for room (hysteresis: until half empty), then enqueue."""
-        while len(self.items) >= self.limit:
+        while self.full():
             self._space.clear()
             await self._space.wait()
+        self.size += len(item)
         self.put_nowait(item)
 
     async def wait(self) -> None:
@@ -239,7 +248,13 @@ class _Inbox:
     def pop(self) -> _Item:
         items = self.items
         item = items.popleft()
-        if len(items) <= self._low and not self._space.is_set():
+        if not isinstance(item, _Event):
+            self.size -= len(item)
+        if (
+            not self._space.is_set()
+            and len(items) <= self._low
+            and self.size <= self.max_bytes // 2
+        ):
             self.unblocked_at = time.monotonic()
             self._space.set()
         return item
@@ -348,6 +363,7 @@ class KiteFeed:
         connect_timeout: float = 10.0,
         batch_size: int = 200,
         queue_size: int = 10_000,
+        queue_bytes: int = 32 * 2**20,
         on_tick: TickHandler | None = None,
         on_order_update: OrderHandler | None = None,
         on_connect: ConnectHandler | None = None,
@@ -366,8 +382,8 @@ class KiteFeed:
             raise ValueError(f"max_retries must be >= 0, not {max_retries}")
         if not liveness_timeout > 0 or not connect_timeout > 0:
             raise ValueError("liveness_timeout and connect_timeout must be > 0")
-        if batch_size < 1 or queue_size < 1:
-            raise ValueError("batch_size and queue_size must be >= 1")
+        if batch_size < 1 or queue_size < 1 or queue_bytes < 1:
+            raise ValueError("batch_size, queue_size and queue_bytes must be >= 1")
 
         self.api_key = api_key
         self.user_id = user_id
@@ -379,6 +395,7 @@ class KiteFeed:
         self.batch_size = batch_size
         self._backoff = Backoff(float(base_wait), float(max_wait))
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
         # The access-token flavour wins when both tokens are given (as in Aio-Trader).
         if access_token:
             self._auth = "access_token"
@@ -410,7 +427,7 @@ class KiteFeed:
         self._closing = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopped.set()
-        self._inbox = _Inbox(queue_size)
+        self._inbox = _Inbox(queue_size, queue_bytes)
         self._dispatcher: asyncio.Task[None] | None = None
         self._runner: asyncio.Task[Any] | None = None
 
@@ -583,7 +600,7 @@ class KiteFeed:
             raise RuntimeError("connect() is already running")
         self._runner = asyncio.current_task()
         self._stopped.clear()
-        self._inbox = _Inbox(self._queue_size)
+        self._inbox = _Inbox(self._queue_size, self._queue_bytes)
         dispatcher = asyncio.create_task(self._dispatch(), name="kite-feed-dispatch")
         self._dispatcher = dispatcher
         try:
@@ -798,7 +815,7 @@ class KiteFeed:
         """The hot path: stamp, count, enqueue. Never awaits user code."""
         stats = self.stats
         inbox = self._inbox
-        items, limit, ready = inbox.items, inbox.limit, inbox.ready
+        items, limit, max_bytes, ready = inbox.items, inbox.limit, inbox.max_bytes, inbox.ready
         monotonic = time.monotonic
         wall = time.time
         async for message in ws:
@@ -811,7 +828,8 @@ class KiteFeed:
                     continue
             else:
                 stats.text_messages += 1
-            if len(items) < limit:
+            if len(items) < limit and inbox.size < max_bytes:
+                inbox.size += len(message)
                 items.append(message)
                 ready.set()
             else:
