@@ -41,8 +41,14 @@ def now_iso() -> str:
 
 
 def tick_json(tick: Tick) -> bytes:
-    """The CONTRACT §3 payload of one tick (timestamps in IST as decoded, ``null`` for none)."""
-    return orjson.dumps(tick)
+    """The CONTRACT §3 payload of one tick (timestamps in IST as decoded, ``null`` for none).
+
+    Copied to an exact-size ``bytes``: orjson (>= 3.12) returns its whole output buffer, ~8 KB
+    for a ~900-byte full tick, and the publisher holds up to ``max_pending`` payloads. The copy
+    costs ~0.06 µs and cut the bridge's RSS under load from ~151 MB to ~65 MB
+    (docs/performance.md).
+    """
+    return bytes(memoryview(orjson.dumps(tick)))
 
 
 def event_json(event: str, /, **fields: Any) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -30,6 +31,7 @@ from bridge.payload import (
     readable_subscriptions,
     tick_json,
 )
+from bridge.simulator.market import Market
 
 # CONTRACT.md §3, verbatim.
 CONTRACT_QUOTE = """
@@ -215,3 +217,17 @@ def test_dead_letter() -> None:
     payload = orjson.loads(dead_letter("jump 1", "unknown command 'jump'", at="t"))
     assert payload == {"command": "jump 1", "error": "unknown command 'jump'", "at": "t"}
     assert "at" in orjson.loads(dead_letter("x", "y"))
+
+
+def test_payloads_held_in_memory_cost_their_size_not_the_encoder_buffer() -> None:
+    """The publisher keeps up to 10,000 payloads: each must not pin an 8 KB encoder buffer."""
+    tick = Market(seed=3).tick(408065, "full")
+    size = len(tick_json(tick))
+    tracemalloc.start()
+    try:
+        kept = [tick_json(tick) for _ in range(1000)]
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(kept) == 1000
+    assert held < 1000 * (size + 200)
