@@ -1,0 +1,1 @@
+"""Scratch experiments on the bridge, measured with ``bench.e2e --bridge-command``."""
