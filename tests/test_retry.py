@@ -8,7 +8,7 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
@@ -84,12 +84,15 @@ def test_huge_attempt_counts_do_not_overflow(attempt: int) -> None:
     jitter=st.floats(min_value=0, max_value=1),
     u=st.floats(min_value=0, max_value=1, exclude_max=True),
 )
+@example(attempt=0, base=3.0, extra=0.0, jitter=0.4542552186250447, u=0.9999999999999999)
 def test_delay_bounds(attempt: int, base: float, extra: float, jitter: float, u: float) -> None:
     backoff = Backoff(base, base + extra, jitter, rand=lambda: u)
     nominal = float(min(Fraction(base) * 2**attempt, Fraction(base + extra)))
     delay = backoff.delay(attempt)
-    assert nominal <= delay <= nominal * (1 + jitter)
-    assert delay <= (base + extra) * (1 + jitter)
+    # Bounds written the way the delay is computed (wait + wait * jitter * u, u < 1), so float
+    # rounding cannot put a correct delay one ulp above them.
+    assert nominal <= delay <= nominal + nominal * jitter
+    assert delay <= (base + extra) + (base + extra) * jitter
 
 
 @pytest.mark.parametrize(
