@@ -440,7 +440,24 @@ async def test_async_handlers_and_attribute_assignment(sim: Simulator) -> None:
     assert {tick.instrument_token for tick in got} == {INFY}
 
 
-async def test_slow_consumer_backpressure_is_not_stale(sim: Simulator) -> None:
+@pytest.mark.parametrize(
+    ("mode", "bounds", "delivered_at_least", "max_pending"),
+    [
+        # Frame count: two frames plus at most one lifecycle event.
+        ("ltp", {"queue_size": 2}, 20, 3),
+        # Bytes: one full packet is 184 bytes, so at most two frames fit under 400 bytes
+        # whatever queue_size (big full-mode frames must not be bounded by count alone).
+        ("full", {"queue_size": 10_000, "queue_bytes": 400}, 10, 4),
+    ],
+    ids=["frames", "bytes"],
+)
+async def test_slow_consumer_backpressure_is_bounded_and_not_stale(
+    sim: Simulator,
+    mode: Mode,
+    bounds: dict[str, Any],
+    delivered_at_least: int,
+    max_pending: int,
+) -> None:
     sim.set_tick_interval(0.005)
     delivered = 0
 
@@ -449,33 +466,12 @@ async def test_slow_consumer_backpressure_is_not_stale(sim: Simulator) -> None:
         await asyncio.sleep(0.03)
         delivered += 1
 
-    feed = make_feed(sim.url, on_tick=slow, queue_size=2, liveness_timeout=0.25)
-    await feed.subscribe_symbols([INFY], "ltp")
+    feed = make_feed(sim.url, on_tick=slow, liveness_timeout=0.25, **bounds)
+    await feed.subscribe_symbols([INFY], mode)
     task = asyncio.create_task(feed.connect(close_timeout=10))
-    await wait_for(lambda: feed.stats.backpressure_waits >= 3 and delivered >= 20)
-    assert feed.pending <= 3  # two frames plus at most one lifecycle event
+    await wait_for(lambda: feed.stats.backpressure_waits >= 3 and delivered >= delivered_at_least)
+    assert feed.pending <= max_pending
     # A full receive buffer must not hide the server's close frame until close_timeout.
-    await asyncio.wait_for(feed.close(), 5)
-    await task
-    assert feed.stats.reconnects == 0
-
-
-async def test_backpressure_also_bounds_the_bytes_waiting(sim: Simulator) -> None:
-    """Big full-mode frames: the inbox stops taking frames at ``queue_bytes``, not only count."""
-    sim.set_tick_interval(0.005)
-    delivered = 0
-
-    async def slow(feed: KiteFeed, ticks: list[Tick]) -> None:
-        nonlocal delivered
-        await asyncio.sleep(0.03)
-        delivered += 1
-
-    # One full packet is 184 bytes: at most two frames fit under 400 bytes, whatever queue_size.
-    feed = make_feed(sim.url, on_tick=slow, queue_size=10_000, queue_bytes=400)
-    await feed.subscribe_symbols([INFY], "full")
-    task = asyncio.create_task(feed.connect(close_timeout=10))
-    await wait_for(lambda: feed.stats.backpressure_waits >= 3 and delivered >= 10)
-    assert feed.pending <= 4  # frames under the byte bound plus lifecycle events
     await asyncio.wait_for(feed.close(), 5)
     await task
     assert feed.stats.reconnects == 0
