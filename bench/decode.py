@@ -1,8 +1,11 @@
 """Decoding throughput of ``bridge.kite.codec`` against a naive pykiteconnect-style decoder.
 
-Run: ``.venv/bin/python -m bench.decode`` (``--help`` for knobs). Prints full-mode ticks decoded
-per second (median of the repeats), the same for the naive decoder, and the cost of
-``orjson.dumps`` per full tick. Numbers depend on the machine; compare them on one machine only.
+Run: ``.venv/bin/python -m bench.decode`` (``--help`` for knobs). Prints full-mode ticks per
+second (median of the repeats, which are interleaved across the cases so that load from other
+processes spreads over all of them) of: ``decode_frame`` to records, ``frame_payloads`` to
+published JSON, the record path to the same JSON (``decode_frame`` then ``tick_json``), and the
+naive decoder; then the cost of ``orjson.dumps`` per full tick. Numbers depend on the machine;
+compare them on one machine only.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from typing import Any
 import orjson
 
 from bridge.kite import codec
-from bridge.kite.codec import decode_frame, encode_frame
+from bridge.kite.codec import decode_frame, encode_frame, frame_payloads
 from bridge.kite.records import IST, Depth, DepthLevel, FullTick, Ohlc
+from bridge.payload import tick_json
 
 __all__ = ["main", "make_frames", "naive_decode_frame"]
 
@@ -158,6 +162,11 @@ def _cold(frame: bytes) -> object:
     return decode_frame(frame)
 
 
+def _via_records(frame: bytes) -> list[tuple[int, bytes]]:
+    """What the bridge published before ``frame_payloads``: records, then ``tick_json``."""
+    return [(tick.instrument_token, tick_json(tick)) for tick in decode_frame(frame)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=100, help="distinct frames (default 100)")
@@ -169,18 +178,24 @@ def main(argv: list[str] | None = None) -> None:
     frames = make_frames(args.frames, args.per_frame)
     ticks = args.frames * args.per_frame
     assert len(naive_decode_frame(frames[0])) == len(decode_frame(frames[0])) == args.per_frame
+    assert frame_payloads(frames[0]) == _via_records(frames[0])
 
     cases: list[tuple[str, Callable[[bytes], object], float]] = [
         ("codec.decode_frame", decode_frame, args.seconds),
         ("codec.decode_frame, timestamp cache cleared every frame", _cold, args.seconds),
+        ("codec.frame_payloads", frame_payloads, args.seconds),
+        ("codec.decode_frame + payload.tick_json", _via_records, args.seconds / 2),
         ("naive pykiteconnect-style decoder", naive_decode_frame, args.seconds / 2),
     ]
     print(f"{args.frames} frames x {args.per_frame} full packets, median of {args.repeats}")
-    for name, decode, seconds in cases:
-        rates = [_rate(decode, frames, ticks, seconds) for _ in range(args.repeats)]
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    for _ in range(args.repeats):
+        for name, decode, seconds in cases:
+            rates[name].append(_rate(decode, frames, ticks, seconds))
+    for name, runs in rates.items():
         print(
-            f"{name:58} {statistics.median(rates):>10,.0f} full ticks/s"
-            f"  (runs: {', '.join(f'{r:,.0f}' for r in rates)})"
+            f"{name:58} {statistics.median(runs):>10,.0f} full ticks/s"
+            f"  (runs: {', '.join(f'{r:,.0f}' for r in runs)})"
         )
 
     decoded = [tick for frame in frames for tick in decode_frame(frame)]

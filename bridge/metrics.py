@@ -38,9 +38,10 @@ from prometheus_client.registry import Collector
 from bridge import __version__
 from bridge.control import ControlStats
 from bridge.kite.feed import CAUSES, FeedStats
-from bridge.kite.records import Mode, Tick
-from bridge.publisher import PublisherStats, Transport
+from bridge.kite.records import Mode
+from bridge.publisher import PublisherStats
 from bridge.status import STATES
+from bridge.transports import Transport
 
 __all__ = [
     "DEFAULT_LATENCY_BUCKETS",
@@ -185,11 +186,12 @@ class TokenActivity:
         # counted from then, not from the start of the process.
         self._noticed: dict[int, float] = {}
 
-    def observe(self, ticks: Iterable[Tick]) -> None:
+    def observe(self, payloads: Iterable[tuple[int, object]]) -> None:
+        """Note the ticks of one frame: ``(instrument_token, payload)`` pairs."""
         now = self._clock()
         last = self.last_tick
-        for tick in ticks:
-            last[tick.instrument_token] = now
+        for token, _ in payloads:
+            last[token] = now
 
     def silence(
         self, subscribed: Iterable[int], silent_after: float, since: float | None = None
@@ -443,8 +445,18 @@ class BridgeCollector(Collector):
         yield _counter("bridge_publish_errors", "Failed publish round trips (retried).", p.errors)
         yield _counter(
             "bridge_publish_unheard",
-            "Messages published to a channel nobody listened to.",
+            "Messages known to have reached no subscriber (only batches sent with replies).",
             p.unheard,
+        )
+        yield _counter(
+            "bridge_publish_backpressure_waits",
+            "Times the feed waited for the publish backlog to drain (Redis answering).",
+            p.backpressure_waits,
+        )
+        yield _counter(
+            "bridge_publish_stalls",
+            "Backpressure waits given up because no batch completed in time (then conflation).",
+            p.backpressure_stalls,
         )
         yield _gauge(
             "bridge_publish_pending",

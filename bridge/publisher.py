@@ -1,28 +1,31 @@
 """Bounded hand-off from the feed to Redis pub/sub, published in batches.
 
-The feed's reader calls :meth:`Publisher.submit` for every decoded frame. It must never wait
-for Redis, so ``submit`` only serialises the ticks, appends the ready (channel, JSON) pairs to a
-buffer and wakes the sender task, which publishes everything that accumulated (events first,
-then ticks) in ONE round trip.
+The feed's dispatcher hands over every decoded frame: :meth:`Publisher.submit_payloads` takes
+ready (token, JSON) pairs from the codec's payload path, :meth:`Publisher.submit` takes records
+and serialises them. Either only appends (channel, JSON) to a buffer and wakes the sender task,
+which publishes everything that accumulated (events first, then ticks) in ONE round trip
+(``bridge/transports.py``). The buffer holds bytes only, which the garbage collector never
+scans (holding records made the whole path about 2x slower, docs/performance.md).
 
-Serialising in ``submit`` rather than in the sender is deliberate: the buffer then holds bytes,
-which the garbage collector never scans, and each tick's 14 dataclass objects die as soon as its
-frame is handed off instead of surviving into older GC generations. Holding the records instead
-made the whole path about 2x slower at full-mode firehose rates (measured with bench/e2e.py;
-see docs/performance.md).
+Two policies for when ticks arrive faster than they are published:
 
-Overflow policy (Redis slow or down): ticks queue in arrival order up to ``max_pending``. Past
-that the buffer is *conflated*: only the newest tick per instrument is kept and every tick
-thrown away is counted in ``stats.replaced``. Memory is therefore bounded by ``max_pending``
-ticks plus one tick per instrument (at most Kite's 3000 subscriptions), and subscribers get the
-latest state of every instrument as soon as Redis answers again. Nothing is lost silently.
+* **Redis is answering, the bridge is behind** (a burst, or more ticks than one core can
+  publish): :meth:`Publisher.backpressure` asks the dispatcher to wait until the backlog falls
+  from ``high_water`` to ``low_water``. The feed's inbox then fills, its reader stops reading and
+  TCP pushes back on the server: ticks arrive late but none is thrown away.
+* **Redis is down or stalled** (an outage, or no batch completed for ``stall_timeout``): no
+  waiting, so the websocket keeps being read at full speed. Ticks queue in arrival order up to
+  ``max_pending``; past that the buffer is *conflated*: only the newest tick per instrument is
+  kept and every tick thrown away is counted in ``stats.replaced``. Memory is bounded by
+  ``max_pending`` ticks plus one per instrument (at most Kite's 3000 subscriptions), and
+  subscribers get the latest state of every instrument as soon as Redis answers again.
 
-Events and order updates are rarer and matter more: they sit in their own queue of
-``max_events`` (oldest dropped past that, counted in ``stats.events_dropped``) and are retried
-until Redis takes them, so a short outage loses none.
+Nothing is lost silently. Events and order updates are rarer and matter more: they sit in their
+own queue of ``max_events`` (oldest dropped past that, counted in ``stats.events_dropped``) and
+are retried until Redis takes them, so a short outage loses none.
 
 A failed round trip is retried with backoff; the whole batch may be re-sent after an
-ambiguous failure (redis-py re-sends a pipeline whole), so delivery is at-least-once.
+ambiguous failure, so delivery is at-least-once.
 """
 
 from __future__ import annotations
@@ -34,92 +37,25 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Final, Literal, Protocol
+from typing import Literal
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from bridge.kite.records import Tick
 from bridge.payload import tick_json
 from bridge.redis_client import Outage
+from bridge.transports import (
+    LuaTransport,
+    PipelineTransport,
+    Transport,
+    UnrepliedTransport,
+)
 
-__all__ = [
-    "LUA_PUBLISH",
-    "LuaTransport",
-    "PipelineTransport",
-    "Publisher",
-    "PublisherStats",
-    "Transport",
-]
+__all__ = ["Publisher", "PublisherStats"]
 
 _log = structlog.get_logger(__name__)
-
-#: Publishes ARGV as (channel, message) pairs; returns how many reached no subscriber.
-LUA_PUBLISH: Final = """
-local unheard = 0
-for i = 1, #ARGV, 2 do
-  if redis.call('PUBLISH', ARGV[i], ARGV[i + 1]) == 0 then unheard = unheard + 1 end
-end
-return unheard
-"""
-
-
-class Transport(Protocol):
-    """Sends one batch in one round trip: ``flat`` alternates channel and message.
-
-    Returns how many messages reached no subscriber.
-    """
-
-    def __call__(self, flat: list[bytes], /) -> Awaitable[int]: ...
-
-
-class PipelineTransport:
-    """One ``PUBLISH`` per message in a non-transactional pipeline.
-
-    Portable (fakeredis, Redis without scripting), but redis-py packs each pipelined command
-    at a fixed per-command cost, which caps throughput (see bench/).
-    """
-
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
-
-    async def __call__(self, flat: list[bytes], /) -> int:
-        it = iter(flat)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for channel, message in zip(it, it, strict=True):
-                pipe.publish(channel, message)
-            replies = await pipe.execute()
-        return sum(1 for n in replies if n == 0)
-
-
-class LuaTransport:
-    """All messages as the arguments of ONE ``EVALSHA`` of :data:`LUA_PUBLISH`.
-
-    One command with many arguments packs far faster than many commands (bench/publisher.py).
-    redis-py loads the script again on ``NOSCRIPT`` (after a Redis restart). A batch runs
-    atomically on the server, so ``batch_max`` also bounds how long one batch holds Redis.
-
-    Where scripting is refused (an ACL without ``EVAL``, a proxy, fakeredis) the first
-    ``ResponseError`` switches this transport to :class:`PipelineTransport` for good and sends
-    the batch that way; a batch the script had half published may then repeat some messages,
-    which at-least-once delivery allows.
-    """
-
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
-        self._script = redis.register_script(LUA_PUBLISH)
-        self._fallback: PipelineTransport | None = None
-
-    async def __call__(self, flat: list[bytes], /) -> int:
-        if self._fallback is not None:
-            return await self._fallback(flat)
-        try:
-            return int(await self._script(args=flat))
-        except ResponseError as exc:
-            _log.warning("lua_publish_unavailable", error=str(exc), fallback="pipeline")
-            self._fallback = PipelineTransport(self._redis)
-            return await self._fallback(flat)
 
 
 @dataclass
@@ -131,6 +67,8 @@ class PublisherStats:
     events_published: int = 0  #: events and order updates handed to Redis
     events_dropped: int = 0  #: events discarded because their queue was full
     serialize_errors: int = 0  #: ticks that could not be turned into JSON (dropped)
+    backpressure_waits: int = 0  #: times the feed was asked to wait for the backlog to drain
+    backpressure_stalls: int = 0  #: waits given up after ``stall_timeout`` without progress
     errors: int = 0  #: failed round trips
     batches: int = 0  #: successful round trips
     unheard: int = 0  #: messages no subscriber was listening for
@@ -151,14 +89,21 @@ class Publisher:
         max_pending: int = 10_000,
         batch_max: int = 2_000,
         max_events: int = 1_000,
-        transport: Literal["lua", "pipeline"] | Transport = "lua",
+        transport: Literal["unreplied", "lua", "pipeline"] | Transport = "unreplied",
         serialize: Callable[[Tick], bytes] = tick_json,
+        high_water: int | None = None,
+        low_water: int | None = None,
+        stall_timeout: float = 0.5,
         base_wait: float = 0.05,
         max_wait: float = 5.0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if max_pending < 1 or batch_max < 1 or max_events < 1:
             raise ValueError("max_pending, batch_max and max_events must be positive")
+        high = max_pending // 2 if high_water is None else high_water
+        low = high // 2 if low_water is None else low_water
+        if not 0 <= low <= high <= max_pending:
+            raise ValueError("need 0 <= low_water <= high_water <= max_pending")
         self.stats = PublisherStats()
         self._prefix = f"{namespace}:ticks:"
         self._events_channel = f"{namespace}:events".encode()
@@ -168,8 +113,13 @@ class Publisher:
         self._max_events = max_events
         self._serialize = serialize
         self._clock = clock
-        if transport == "lua":
-            self._transport: Transport = LuaTransport(redis)
+        self._high_water = high
+        self._low_water = low
+        self._stall_timeout = stall_timeout
+        if transport == "unreplied":
+            self._transport: Transport = UnrepliedTransport(redis)
+        elif transport == "lua":
+            self._transport = LuaTransport(redis)
         elif transport == "pipeline":
             self._transport = PipelineTransport(redis)
         else:
@@ -185,8 +135,11 @@ class Publisher:
         self._wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
+        self._progress = asyncio.Event()  # set after every round trip, failed ones included
+        self._stalled = False  # a wait timed out: no more waiting until the backlog drains
         self._task: asyncio.Task[None] | None = None
         self._conflate_logged_at = -1e9
+        self._stall_logged_at = -1e9
 
     # -- hand-off (sync, called from the feed's reader) -------------------------------------
 
@@ -198,21 +151,30 @@ class Publisher:
 
     def submit(self, ticks: Sequence[Tick]) -> None:
         """Serialise and queue ``ticks``. O(len(ticks)), never waits, never raises on Redis."""
-        if not ticks:
+        if ticks:
+            self._enqueue(self._ready(ticks))
+
+    def submit_payloads(self, payloads: Sequence[tuple[int, bytes]]) -> None:
+        """Queue ready ``(instrument_token, JSON)`` pairs, as ``codec.frame_payloads`` gives."""
+        if not payloads:
             return
-        ready = self._ready(ticks)
-        latest = self._latest
-        if latest is None:
-            self._buffer += ready
-            if len(self._buffer) > 2 * self._max_pending:
-                self._conflate()
-        else:
-            it = iter(ready)
-            for channel, message in zip(it, it, strict=True):
-                if channel in latest:
-                    self.stats.replaced += 1
-                latest[channel] = message
-        self._kick()
+        flat: list[bytes] = []
+        append = flat.append
+        channels = self._channels
+        for token, payload in payloads:
+            append(channels.get(token) or self._channel(token))
+            append(payload)
+        self._enqueue(flat)
+
+    def backpressure(self) -> Awaitable[None] | None:
+        """What the feed should await before its next frame, or ``None`` to go straight on.
+
+        ``None`` while the backlog is at most ``high_water``, and also while Redis is failing
+        or stalled (the conflation policy applies then; see the module docstring).
+        """
+        if self.pending <= self._high_water or self._stalled or self._outage.active:
+            return None
+        return self._wait_for_room()
 
     def publish_event(self, event: bytes) -> None:
         """Queue one ready-made event JSON for ``<ns>:events``."""
@@ -276,7 +238,9 @@ class Publisher:
             self._in_flight = 0
             self.stats.errors += 1
             self._put_back(events, ticks)
-            await asyncio.sleep(self._outage.failed(exc))
+            wait = self._outage.failed(exc)
+            self._progress.set()  # a waiting feed stops waiting: the outage policy applies
+            await asyncio.sleep(wait)
             return False
         except BaseException:  # cancelled mid-flight (shutdown): keep the batch for flush
             self._in_flight = 0
@@ -285,6 +249,9 @@ class Publisher:
         self._in_flight = 0
         elapsed = self._clock() - started
         self._outage.recovered()
+        if self._stalled and self.pending <= self._low_water:
+            self._stalled = False
+        self._progress.set()
         stats = self.stats
         stats.batches += 1
         stats.published += len(flat) // 2 - len(events)
@@ -297,6 +264,43 @@ class Publisher:
         return True
 
     # -- internals ------------------------------------------------------------------------
+
+    async def _wait_for_room(self) -> None:
+        """Wait until the backlog is down to ``low_water``, for as long as batches keep landing."""
+        self.stats.backpressure_waits += 1
+        progress = self._progress
+        while self.pending > self._low_water and not self._outage.active:
+            progress.clear()
+            try:
+                async with asyncio.timeout(self._stall_timeout):
+                    await progress.wait()
+            except TimeoutError:
+                self._stalled = True
+                self.stats.backpressure_stalls += 1
+                now = time.monotonic()
+                if now - self._stall_logged_at >= 60.0:
+                    self._stall_logged_at = now
+                    _log.warning(
+                        "publish_stalled",
+                        pending=self.pending,
+                        stall_timeout=self._stall_timeout,
+                        stalls_total=self.stats.backpressure_stalls,
+                    )
+                return
+
+    def _enqueue(self, flat: list[bytes]) -> None:
+        latest = self._latest
+        if latest is None:
+            self._buffer += flat
+            if len(self._buffer) > 2 * self._max_pending:
+                self._conflate()
+        else:
+            it = iter(flat)
+            for channel, message in zip(it, it, strict=True):
+                if channel in latest:
+                    self.stats.replaced += 1
+                latest[channel] = message
+        self._kick()
 
     def _kick(self) -> None:
         self._drained.clear()

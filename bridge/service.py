@@ -35,17 +35,19 @@ from redis.exceptions import RedisError
 
 from bridge.config import Settings
 from bridge.control import ControlConsumer
+from bridge.kite.codec import frame_payloads
 from bridge.kite.feed import KiteFeed
 from bridge.kite.messages import KiteError, KiteMessage
-from bridge.kite.records import Mode, Tick
+from bridge.kite.records import Mode
 from bridge.kite.retry import AuthError, RetriesExhausted
 from bridge.metrics import BridgeMetrics, LatencyHistogram, TimedTransport
 from bridge.payload import event_json
 from bridge.probes import ProbeServer, Readiness
-from bridge.publisher import LuaTransport, Publisher
+from bridge.publisher import Publisher
 from bridge.redis_client import Outage, create_redis
 from bridge.status import State, StatusCounters, StatusReporter
 from bridge.subscriptions import SubscriptionStore
+from bridge.transports import UnrepliedTransport
 
 __all__ = [
     "EXIT_AUTH",
@@ -110,7 +112,7 @@ class Bridge:
         self.publisher = Publisher(
             self.redis,
             ns,
-            transport=TimedTransport(LuaTransport(self.redis), latency),
+            transport=TimedTransport(UnrepliedTransport(self.redis), latency),
             base_wait=redis_base_wait,
             max_wait=redis_max_wait,
         )
@@ -182,6 +184,7 @@ class Bridge:
             base_wait=s.base_wait,
             max_wait=s.max_wait,
             liveness_timeout=s.liveness_timeout,
+            decoder=frame_payloads,
         )
 
     def _wire(self, feed: KiteFeed) -> None:
@@ -467,10 +470,14 @@ class Bridge:
 
     # -- feed handlers (run on the feed's dispatcher: keep them short) -----------------------
 
-    def _on_tick(self, _feed: KiteFeed, ticks: list[Tick]) -> None:
-        self.publisher.submit(ticks)
-        self.metrics.activity.observe(ticks)
+    def _on_tick(
+        self, _feed: KiteFeed, payloads: list[tuple[int, bytes]]
+    ) -> Awaitable[None] | None:
+        """One frame's ``(token, JSON)`` pairs; may ask the feed to wait (publisher's policy)."""
+        self.publisher.submit_payloads(payloads)
+        self.metrics.activity.observe(payloads)
         self._last_tick_at = time.time()
+        return self.publisher.backpressure()
 
     def _on_order_update(self, _feed: KiteFeed, data: dict[str, Any]) -> None:
         self.publisher.publish_order(orjson.dumps(data))

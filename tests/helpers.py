@@ -175,6 +175,15 @@ class PrivateRedis:
             await asyncio.to_thread(self.proc.wait)
             self.proc = None
 
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open but nothing is answered (a hung server)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         """SIGTERM, and wait for the server to exit."""
         if self.proc is not None:

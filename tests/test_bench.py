@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import e2e, naive_bridge, null_relay, procstat, profile_summary  # noqa: E402
+from bench.decode import main as decode_main  # noqa: E402
 from bench.decode import make_frames  # noqa: E402
 from bench.firehose import HEARTBEAT, Firehose, build_frames  # noqa: E402
 from bench.subscriber import Counter, pmessage_stream  # noqa: E402
@@ -192,6 +193,21 @@ def test_naive_decoder_agrees_with_the_codec_on_every_packet_kind() -> None:
     frame = _mixed_frame()
     expected = [_plain(dataclasses.asdict(tick)) for tick in decode_frame(frame)]
     assert [_plain(tick) for tick in naive_bridge.parse_binary(frame)] == expected
+
+
+def test_decode_benchmark_reports_every_case(capsys: pytest.CaptureFixture[str]) -> None:
+    decode_main(["--frames", "2", "--per-frame", "3", "--seconds", "0.001", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "2 frames x 3 full packets, median of 1"
+    names = [line.split("  ")[0] for line in lines[1:]]
+    assert names == [
+        "codec.decode_frame",
+        "codec.decode_frame, timestamp cache cleared every frame",
+        "codec.frame_payloads",
+        "codec.decode_frame + payload.tick_json",
+        "naive pykiteconnect-style decoder",
+        "orjson.dumps(FullTick)",
+    ]
 
 
 def test_naive_subscribe_parses_bridge_subscribe() -> None:

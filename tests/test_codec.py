@@ -1,12 +1,16 @@
-"""Codec behaviour beyond the golden vectors: framing errors, skipping, divisors, record shape."""
+"""Codec behaviour beyond the golden vectors: framing errors, skipping, divisors, record shape.
+
+The framing tests run through both outputs, ``decode_frame`` and ``frame_payloads``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import struct
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeAlias
 
 import orjson
 import pytest
@@ -20,6 +24,7 @@ from bridge.kite.codec import (
     encode_frame,
     encode_packet,
     encode_raw_frame,
+    frame_payloads,
     segment_divisor,
 )
 from bridge.kite.records import (
@@ -85,70 +90,95 @@ def full_tick(**changes: Any) -> FullTick:
 
 
 # ---------------------------------------------------------------------------------------------
-# Framing
+# Framing: one walk behind both outputs (records and payloads), so each test runs through both.
+
+#: ``decode_frame`` or ``frame_payloads``.
+Decode: TypeAlias = Callable[..., list[Any]]
+BOTH = pytest.mark.parametrize(
+    "decode", [decode_frame, frame_payloads], ids=["records", "payloads"]
+)
+
+
+def token_of(item: Tick | tuple[int, bytes]) -> int:
+    return item[0] if isinstance(item, tuple) else item.instrument_token
 
 
 def test_frame_error_is_a_value_error() -> None:
     assert issubclass(FrameError, ValueError)
 
 
-@pytest.mark.parametrize("data", [b"\x00\x00", bytearray(b"\x00\x00"), memoryview(b"\x00\x00")])
-def test_empty_frame_and_buffer_types(data: Buffer) -> None:
-    assert decode_frame(data) == []
+@BOTH
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x00", b"\x00\x00", bytearray(b"\x00\x00"), memoryview(b"\x00\x00")],
+    ids=["empty", "heartbeat", "no-packets", "bytearray", "memoryview"],
+)
+def test_empty_frame_and_buffer_types(decode: Decode, data: Buffer) -> None:
+    assert decode(data) == []
 
 
-def test_accepts_bytearray_and_memoryview() -> None:
+@BOTH
+def test_accepts_bytearray_and_memoryview(decode: Decode) -> None:
     data = encode_raw_frame([LTP_PACKET])
-    expected = decode_frame(data)
-    assert decode_frame(bytearray(data)) == expected
-    assert decode_frame(memoryview(data)) == expected
-    assert expected[0].last_price == 1573.15
+    expected = decode(data)
+    assert decode(bytearray(data)) == expected
+    assert decode(memoryview(data)) == expected
+    assert [token_of(item) for item in expected] == [408065]
+    assert decode_frame(data)[0].last_price == 1573.15
 
 
-def test_count_without_length_prefix() -> None:
+@BOTH
+def test_count_without_length_prefix(decode: Decode) -> None:
     with pytest.raises(FrameError, match=r"packet 1 of 1 cut short at offset 2 \(frame length 2\)"):
-        decode_frame(b"\x00\x01")
+        decode(b"\x00\x01")
 
 
-def test_length_prefix_cut_in_half() -> None:
+@BOTH
+def test_length_prefix_cut_in_half(decode: Decode) -> None:
     with pytest.raises(FrameError, match=r"cut short at offset 2 \(frame length 3\)"):
-        decode_frame(b"\x00\x01\x00")
+        decode(b"\x00\x01\x00")
 
 
-def test_declared_length_past_the_end() -> None:
+@BOTH
+def test_declared_length_past_the_end(decode: Decode) -> None:
     data = encode_raw_frame([LTP_PACKET])[:-1]
     with pytest.raises(FrameError, match=r"offset 4 declares 8 bytes.*frame length 11"):
-        decode_frame(data)
+        decode(data)
 
 
-def test_count_larger_than_packets() -> None:
+@BOTH
+def test_count_larger_than_packets(decode: Decode) -> None:
     data = b"\x00\x02" + encode_raw_frame([LTP_PACKET])[2:]
     with pytest.raises(FrameError, match="packet 2 of 2 cut short at offset 12"):
-        decode_frame(data)
+        decode(data)
 
 
-def test_trailing_bytes() -> None:
+@BOTH
+def test_trailing_bytes(decode: Decode) -> None:
     with pytest.raises(FrameError, match=r"3 trailing bytes at offset 12 .*frame length 15"):
-        decode_frame(encode_raw_frame([LTP_PACKET]) + b"\x00\x00\x00")
+        decode(encode_raw_frame([LTP_PACKET]) + b"\x00\x00\x00")
 
 
-def test_trailing_bytes_after_zero_packets() -> None:
+@BOTH
+def test_trailing_bytes_after_zero_packets(decode: Decode) -> None:
     with pytest.raises(FrameError, match="trailing"):
-        decode_frame(b"\x00\x00\x00")
+        decode(b"\x00\x00\x00")
 
 
-def test_unknown_length_is_skipped_and_reported() -> None:
+@BOTH
+def test_unknown_length_is_skipped_and_reported(decode: Decode) -> None:
     data = encode_raw_frame([LTP_PACKET, b"\x01" * 12, b"", INDEX_PACKET, b"\xff" * 164])
     skipped: list[int] = []
-    ticks = decode_frame(data, skipped)
-    assert [tick.instrument_token for tick in ticks] == [408065, 256265]
+    items = decode(data, skipped)
+    assert [token_of(item) for item in items] == [408065, 256265]
     assert skipped == [12, 0, 164]
-    assert decode_frame(data) == ticks  # without a list, skipping is silent
+    assert decode(data) == items  # without a list, skipping is silent
 
 
-def test_skipped_list_is_appended_to_not_replaced() -> None:
+@BOTH
+def test_skipped_list_is_appended_to_not_replaced(decode: Decode) -> None:
     skipped = [99]
-    decode_frame(encode_raw_frame([b"abc"]), skipped)
+    decode(encode_raw_frame([b"abc"]), skipped)
     assert skipped == [99, 3]
 
 

@@ -1,4 +1,5 @@
-"""Golden vectors: kite-protocol.md §8 worked examples E1-E11 and the kiteconnect-mocks packets.
+"""Golden vectors: kite-protocol.md §8 worked examples E1-E11 and the kiteconnect-mocks packets,
+through both outputs of the codec (records, and the payloads of ``frame_payloads``).
 
 Expected values are written out from the spec (which took them from pykiteconnect 5.2.2), so a
 regression in any field, divisor, signedness or the ``change`` formula changes a result here.
@@ -13,7 +14,13 @@ from typing import Any
 import orjson
 import pytest
 
-from bridge.kite.codec import decode_frame, encode_frame, encode_packet, encode_raw_frame
+from bridge.kite.codec import (
+    decode_frame,
+    encode_frame,
+    encode_packet,
+    encode_raw_frame,
+    frame_payloads,
+)
 from bridge.kite.records import (
     Depth,
     DepthLevel,
@@ -25,6 +32,7 @@ from bridge.kite.records import (
     QuoteTick,
     Tick,
 )
+from bridge.payload import tick_json
 
 IST_OFFSET = timedelta(hours=5, minutes=30)
 T = datetime(2024, 6, 12, 7, 16, 9, tzinfo=UTC)  # 1718176569 = 12:46:09 IST
@@ -292,6 +300,17 @@ def test_timestamps_are_ist_aware(name: str, hex_text: str, expected: list[Tick]
 
 
 @pytest.mark.parametrize(("name", "hex_text", "expected"), GOLDEN, ids=GOLDEN_IDS)
+def test_payloads_are_tick_json_of_the_records(
+    name: str, hex_text: str, expected: list[Tick]
+) -> None:
+    # Of the decoded records: ``expected`` has UTC datetimes, the same instants in other text.
+    data = frame(hex_text)
+    payloads = frame_payloads(data)
+    assert payloads == [(tick.instrument_token, tick_json(tick)) for tick in decode_frame(data)]
+    assert [token for token, _ in payloads] == [tick.instrument_token for tick in expected]
+
+
+@pytest.mark.parametrize(("name", "hex_text", "expected"), GOLDEN, ids=GOLDEN_IDS)
 def test_encodes_worked_example_back(name: str, hex_text: str, expected: list[Tick]) -> None:
     assert encode_frame(expected) == frame(hex_text)
 
@@ -433,6 +452,8 @@ def test_decodes_kiteconnect_mocks(data: bytes, mock: dict[str, Any]) -> None:
     (tick,) = decode_frame(data)
     assert orjson.loads(orjson.dumps(tick)) == published_shape(mock)
     assert encode_frame([tick]) == data
+    # The payload path gives the same bytes as serialising the record.
+    assert frame_payloads(data) == [(408065, tick_json(tick))]
 
 
 def test_mock_change_is_percent_not_go_absolute() -> None:

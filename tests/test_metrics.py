@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import pytest
-from helpers import ltp, quote, wait_until
+from helpers import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import __version__
@@ -116,9 +116,9 @@ async def test_timed_transport_times_successes_only() -> None:
 def test_silence_counts_tokens_quiet_for_longer_than_the_threshold() -> None:
     clock = Clock()
     activity = TokenActivity(clock)
-    activity.observe([ltp(1), ltp(2)])
+    activity.observe([(1, b""), (2, b"")])
     clock.now += 30
-    activity.observe([ltp(2)])
+    activity.observe([(2, b"")])
     clock.now += 40  # token 1: 70 s quiet, token 2: 40 s
     assert activity.silence([1, 2], silent_after=60, since=0.0) == pytest.approx((1, 70))
     assert activity.silence([1, 2], silent_after=30, since=0.0) == pytest.approx((2, 70))
@@ -127,7 +127,7 @@ def test_silence_counts_tokens_quiet_for_longer_than_the_threshold() -> None:
 def test_silence_never_exceeds_the_connection_age() -> None:
     clock = Clock()
     activity = TokenActivity(clock)
-    activity.observe([ltp(1)])
+    activity.observe([(1, b"")])
     clock.now += 100
     reconnected_at = clock.now - 5
     assert activity.silence([1], silent_after=60, since=reconnected_at) == pytest.approx((0, 5))
@@ -144,7 +144,7 @@ def test_a_token_that_never_ticked_is_silent_from_when_it_was_first_seen() -> No
 def test_unsubscribed_tokens_are_forgotten() -> None:
     clock = Clock()
     activity = TokenActivity(clock)
-    activity.observe([ltp(token) for token in range(1, 101)])
+    activity.observe([(token, b"") for token in range(1, 101)])
     activity.silence([5, 500], silent_after=10, since=0.0)
     assert set(activity.last_tick) == {5}
     activity.silence([], silent_after=10, since=0.0)
@@ -288,9 +288,9 @@ def test_silent_tokens_while_connected() -> None:
         clock=clock,
     )
     feed.stats.connected_since = time.time() - 1000  # connected long ago
-    activity.observe([quote(1), quote(2)])
+    activity.observe([(1, b""), (2, b"")])
     clock.now += 90
-    activity.observe([quote(2)])
+    activity.observe([(2, b"")])
     got = {m.name: m.samples[0].value for m in collector.collect() if m.samples}
     assert got["bridge_silent_tokens"] == 1
     assert got["bridge_token_silence_max_seconds"] == pytest.approx(90)
@@ -347,7 +347,9 @@ async def test_a_real_feed_shows_up_in_the_metrics(sim: Simulator) -> None:
         state=lambda: "connected",
         process=False,
     )
-    feed.on_tick = lambda _feed, ticks: metrics.activity.observe(ticks)
+    feed.on_tick = lambda _feed, ticks: metrics.activity.observe(
+        (t.instrument_token, t) for t in ticks
+    )
     await feed.subscribe_symbols([408065, 256265], "full")
     task = asyncio.create_task(feed.connect())
     try:

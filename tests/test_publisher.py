@@ -12,11 +12,13 @@ import pytest
 from helpers import ltp, quote, wait_until
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
 from bridge.kite.records import Tick
 from bridge.payload import tick_json
-from bridge.publisher import PipelineTransport, Publisher
+from bridge.publisher import Publisher
+from bridge.transports import PipelineTransport
 
 NS = "t"
 
@@ -268,7 +270,7 @@ def test_bounds_must_be_positive(redis: Redis) -> None:
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize("transport", ["lua", "pipeline"])
+@pytest.mark.parametrize("transport", ["unreplied", "lua", "pipeline"])
 async def test_real_redis_transports_publish_and_count_unheard(
     redis_url: str, namespace: str, transport: str
 ) -> None:
@@ -291,6 +293,7 @@ async def test_real_redis_transports_publish_and_count_unheard(
         assert got == [1.5, 1.6]
         assert publisher.stats.unheard == 1  # nobody listens on token 2
         assert publisher.stats.published == 3
+        await publisher.close()
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
         await sub_client.aclose()
@@ -300,11 +303,144 @@ async def test_real_redis_transports_publish_and_count_unheard(
 async def test_lua_transport_falls_back_to_a_pipeline_where_scripting_is_refused(
     redis: Redis, listener: PubSub
 ) -> None:
-    publisher = Publisher(redis, NS)  # default transport: Lua; fakeredis has no EVALSHA
+    publisher = Publisher(redis, NS, transport="lua")  # fakeredis has no EVALSHA
     publisher.submit([ltp(1), ltp(2)])
     with capture_logs() as logs:
         assert await publisher.send_once()
         publisher.submit([ltp(3)])
         assert await publisher.send_once()
-    assert [e["event"] for e in logs].count("lua_publish_unavailable") == 1
+    assert [e["event"] for e in logs].count("publish_transport_fallback") == 1
     assert [c for c, _ in await received(listener, 3)] == [f"{NS}:ticks:{t}" for t in (1, 2, 3)]
+
+
+# -- backpressure -------------------------------------------------------------------------------
+
+
+class GatedTransport:
+    """Publishes through a real pipeline, but each round trip waits for ``gate`` to open."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.inner = PipelineTransport(redis)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail = False
+
+    async def __call__(self, flat: list[bytes], /) -> int:
+        await self.gate.wait()
+        if self.fail:
+            raise RedisConnectionError("down")
+        return await self.inner(flat)
+
+
+def payloads(start: int, count: int) -> list[tuple[int, bytes]]:
+    return [(1 + n % 5, b'{"n":%d}' % n) for n in range(start, start + count)]
+
+
+async def test_submit_payloads_publishes_ready_json_in_order(
+    redis: Redis, listener: PubSub
+) -> None:
+    publisher, _ = make(redis)
+    publisher.submit_payloads(payloads(0, 3))
+    publisher.submit_payloads([])
+    assert await publisher.send_once()
+    got = await received(listener, 3)
+    assert got == [(f"{NS}:ticks:{t}", p) for t, p in payloads(0, 3)]
+
+
+async def test_backpressure_waits_while_redis_drains_the_backlog_and_loses_nothing(
+    redis: Redis, listener: PubSub
+) -> None:
+    transport = GatedTransport(redis)
+    publisher = Publisher(
+        redis, NS, transport=transport, max_pending=100, high_water=40, low_water=10, batch_max=8
+    )
+    publisher.submit_payloads(payloads(0, 40))
+    assert publisher.backpressure() is None  # at high water: go on
+    publisher.submit_payloads(payloads(40, 10))
+    transport.gate.clear()
+    publisher.start()
+    wait = publisher.backpressure()
+    assert wait is not None
+    waiter = asyncio.ensure_future(wait)
+    await asyncio.sleep(0.05)
+    assert not waiter.done()  # Redis is slow, not failing, not stalled beyond the timeout
+    transport.gate.set()
+    await asyncio.wait_for(waiter, 2)
+    assert publisher.pending <= 10
+    await publisher.close()
+    assert len(await received(listener, 50)) == 50
+    stats = publisher.stats
+    assert (stats.published, stats.replaced, stats.backpressure_waits) == (50, 0, 1)
+    assert stats.backpressure_stalls == 0
+
+
+async def test_a_stalled_redis_ends_the_wait_and_conflation_takes_over(redis: Redis) -> None:
+    transport = GatedTransport(redis)
+    publisher = Publisher(
+        redis,
+        NS,
+        transport=transport,
+        max_pending=60,
+        high_water=20,
+        low_water=5,
+        stall_timeout=0.1,
+    )
+    transport.gate.clear()  # the first round trip hangs
+    publisher.start()
+    publisher.submit_payloads(payloads(0, 30))
+    wait = publisher.backpressure()
+    assert wait is not None
+    with capture_logs() as logs:
+        await asyncio.wait_for(wait, 1)  # gave up after stall_timeout
+    assert publisher.stats.backpressure_stalls == 1
+    assert [e["event"] for e in logs] == ["publish_stalled"]
+    # Stalled: the feed is not asked to wait again; the backlog conflates instead.
+    publisher.submit_payloads(payloads(30, 100))
+    assert publisher.backpressure() is None
+    assert publisher.stats.replaced > 0
+    assert publisher.pending <= 60 + 5
+    # Redis answers again: once the backlog is down to low water, waiting resumes.
+    transport.gate.set()
+    await publisher.flush(2)
+    publisher.submit_payloads(payloads(200, 30))
+    again = publisher.backpressure()
+    assert again is not None
+    await asyncio.wait_for(again, 2)
+    await publisher.close()
+    stats = publisher.stats
+    assert stats.published + stats.replaced == 160
+
+
+async def test_an_outage_never_makes_the_feed_wait(redis: Redis) -> None:
+    transport = GatedTransport(redis)
+    transport.fail = True
+    publisher = Publisher(
+        redis,
+        NS,
+        transport=transport,
+        max_pending=50,
+        high_water=10,
+        stall_timeout=5,
+        base_wait=0.01,
+        max_wait=0.02,
+    )
+    publisher.start()
+    publisher.submit_payloads(payloads(0, 20))
+    wait = publisher.backpressure()
+    assert wait is not None
+    await asyncio.wait_for(wait, 1)  # the first failure ends the wait, long before 5 s
+    await asyncio.sleep(0.05)
+    publisher.submit_payloads(payloads(20, 20))
+    assert publisher.backpressure() is None  # still failing: read on, conflate past 50
+    assert publisher.stats.backpressure_stalls == 0
+    transport.fail = False
+    assert await publisher.flush(2)
+    await publisher.close()
+    assert publisher.stats.published + publisher.stats.replaced == 40
+
+
+def test_water_marks_must_be_ordered(redis: Redis) -> None:
+    with pytest.raises(ValueError, match="low_water <= high_water"):
+        Publisher(redis, NS, high_water=10, low_water=20)
+    with pytest.raises(ValueError, match="high_water <= max_pending"):
+        Publisher(redis, NS, max_pending=10, high_water=20)

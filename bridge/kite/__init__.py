@@ -1,11 +1,11 @@
 """The Kite ticker as a library, with no Redis in it (CONTRACT §7).
 
-``from bridge.kite import KiteFeed, retry, decode_frame``.
+``from bridge.kite import KiteFeed, retry, decode_frame, frame_payloads``.
 """
 
 from __future__ import annotations
 
-from bridge.kite.codec import FrameError, decode_frame
+from bridge.kite.codec import FrameError, decode_frame, frame_payloads
 from bridge.kite.feed import CAUSES, FeedError, FeedStats, KiteFeed
 from bridge.kite.messages import InvalidText, KiteError, KiteMessage, OrderUpdate
 from bridge.kite.records import Mode, Tick
@@ -27,5 +27,6 @@ __all__ = [
     "RetriesExhausted",
     "Tick",
     "decode_frame",
+    "frame_payloads",
     "retry",
 ]

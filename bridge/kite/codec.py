@@ -1,4 +1,4 @@
-"""Binary codec of the Kite ticker protocol (kite-protocol.md §3): bytes in, tick records out.
+"""Binary codec of the Kite ticker protocol (kite-protocol.md §3): bytes in, ticks out.
 
 Pure and Sans-I/O, so the feed, the simulator and the tests share one implementation.
 
@@ -13,18 +13,44 @@ Malformed input policy (also in docs/codec.md):
   :class:`FrameError`. Nothing else escapes, and no value is ever guessed: once the framing is
   wrong, no packet boundary in the frame can be trusted.
 
-Speed matters (a full-mode frame carries up to hundreds of 184-byte packets): each packet kind is
-read with one precompiled :class:`struct.Struct`, divisors are looked up in a table indexed by the
-segment byte, and epoch seconds are turned into datetimes through a small bounded cache because
-every tick of the same second shares its timestamps.
+Two outputs share that one framing walk (:func:`_walk`): :func:`decode_frame` gives the records
+of ``records.py``; :func:`frame_payloads` gives each tick's CONTRACT §3 JSON, byte for byte
+``payload.tick_json(record)``, without building the records: the bridge's hot path, ~1.8x faster
+than records + ``tick_json``: the 13 records of a full tick are GC-tracked objects kept alive
+until serialised, while the dicts (mostly untracked) serialise a little faster and die at once.
+
+Each packet kind is described once, in ``_PACKETS``: its :class:`struct.Struct` and the record's
+constructor call spelled with struct value indices. At import that description is compiled, the
+way ``dataclasses`` compiles ``__init__``, into a record decoder and a payload decoder whose dict
+keys are the records' ``dataclasses.fields()``, so the two outputs cannot drift apart. Generated
+rather than one hand-written decoder per kind taking the constructors as parameters, because the
+payload decoder then builds dict literals instead of making 13 builder calls per full tick:
+~259k against ~236k full ticks/s (records then ``tick_json`` per packet: ~175k; docs/codec.md).
+The record decoders are the code that used to be hand-written (unpacked into locals: ~3% faster).
+
+Other speed choices: one precompiled ``struct`` per kind, divisors in a tuple indexed by the
+segment byte, and epoch seconds turned into datetimes (or ISO text) through small bounded caches,
+because every tick of the same second shares its timestamps.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields, is_dataclass
 from datetime import datetime
-from typing import Final, TypeAlias
+from typing import (
+    Any,
+    Final,
+    Literal,
+    TypeAlias,
+    TypeVar,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
+
+import orjson
 
 from bridge.kite.records import (
     IST,
@@ -51,6 +77,7 @@ __all__ = [
     "encode_frame",
     "encode_packet",
     "encode_raw_frame",
+    "frame_payloads",
     "segment_divisor",
 ]
 
@@ -98,11 +125,13 @@ _DIVISOR_BY_SEGMENT: Final[tuple[float, ...]] = tuple(
 )
 
 # ---------------------------------------------------------------------------------------------
-# Timestamps
+# Timestamps. Ticks arrive in time order, so when a cache is full dropping everything is as good
+# as LRU here and costs nothing per hit.
 
 
 _TIMESTAMP_CACHE_SIZE: Final = 4096
 _timestamps: dict[int, datetime] = {}
+_iso_timestamps: dict[int, str] = {}
 
 
 def _timestamp(raw: int) -> datetime | None:
@@ -110,153 +139,224 @@ def _timestamp(raw: int) -> datetime | None:
     if raw == 0:
         return None
     if len(_timestamps) >= _TIMESTAMP_CACHE_SIZE:
-        # Ticks arrive in time order, so old seconds are not needed again: dropping everything
-        # is as good as LRU here and costs nothing per hit.
         _timestamps.clear()
     moment = _timestamps[raw] = datetime.fromtimestamp(raw, IST)
     return moment
 
 
+def _iso_timestamp(raw: int) -> str | None:
+    """Epoch seconds to the text orjson writes for :func:`_timestamp`'s datetime, cached."""
+    if raw == 0:
+        return None
+    if len(_iso_timestamps) >= _TIMESTAMP_CACHE_SIZE:
+        _iso_timestamps.clear()
+    # orjson's own rendering (quotes stripped), so it cannot differ from serialising the record.
+    text = _iso_timestamps[raw] = orjson.dumps(datetime.fromtimestamp(raw, IST))[1:-1].decode()
+    return text
+
+
 # ---------------------------------------------------------------------------------------------
-# Decoding: one function per packet kind, taking the frame and the packet's offset in it.
+# Packet kinds: the one description of each, compiled into both decoders below.
+#
+# A spec is the record's constructor call: ``(RecordClass, argument, ...)`` with one argument per
+# dataclass field, in field order. An ``int`` argument is the index of a value unpacked by the
+# kind's struct, converted by the field's type: ``float`` fields are prices (divided by the
+# segment divisor), ``datetime | None`` fields epoch seconds (0 is ``None``), ``int`` fields are
+# taken as they are. A nested tuple is a nested record, a list a list of them, a ``str`` a
+# constant, and the two markers below the derived fields.
 
 
-def _percent_change(last_price: float, close: float) -> float:
-    # Same operations in the same order as pykiteconnect, so the floats match bit for bit.
-    return (last_price - close) * 100 / close if close else 0.0
+class _Tradable:
+    """``tradable``: every segment but the indices'."""
 
 
-def _decode_ltp(data: Buffer, offset: int) -> LtpTick:
-    token, ltp = _LTP.unpack_from(data, offset)
-    segment = token & 0xFF
-    return LtpTick(segment != _INDICES_SEGMENT, "ltp", token, ltp / _DIVISOR_BY_SEGMENT[segment])
+@dataclass(frozen=True)
+class _Change:
+    """``change``: percent change of the price at index ``last`` against the one at ``close``."""
+
+    last: int
+    close: int
 
 
-def _decode_index_quote(data: Buffer, offset: int) -> IndexQuoteTick:
-    token, ltp, high, low, open_, close, _change = _INDEX_QUOTE.unpack_from(data, offset)
-    segment = token & 0xFF
-    divisor = _DIVISOR_BY_SEGMENT[segment]
-    last_price = ltp / divisor
-    close_price = close / divisor
-    return IndexQuoteTick(
-        segment != _INDICES_SEGMENT,
-        "quote",
-        token,
-        last_price,
-        Ohlc(open_ / divisor, high / divisor, low / divisor, close_price),
-        _percent_change(last_price, close_price),
-    )
+_Spec: TypeAlias = tuple[Any, ...]
+
+_TRADABLE: Final = _Tradable()
 
 
-def _decode_index_full(data: Buffer, offset: int) -> IndexFullTick:
-    token, ltp, high, low, open_, close, _change, ts = _INDEX_FULL.unpack_from(data, offset)
-    segment = token & 0xFF
-    divisor = _DIVISOR_BY_SEGMENT[segment]
-    last_price = ltp / divisor
-    close_price = close / divisor
-    return IndexFullTick(
-        segment != _INDICES_SEGMENT,
-        "full",
-        token,
-        last_price,
-        Ohlc(open_ / divisor, high / divisor, low / divisor, close_price),
-        _percent_change(last_price, close_price),
-        _timestamps.get(ts) or _timestamp(ts),
-    )
+# Full packets: 5 buy then 5 sell levels from value 16 on, each (quantity, price, orders); the
+# padding after ``orders`` is not unpacked.
+_DEPTH: Final = tuple(
+    [(DepthLevel, index, index + 1, index + 2) for index in range(side, side + 15, 3)]
+    for side in (16, 31)
+)
 
 
-def _decode_quote(data: Buffer, offset: int) -> QuoteTick:
-    token, ltp, ltq, atp, volume, buy, sell, open_, high, low, close = _QUOTE.unpack_from(
-        data, offset
-    )
-    segment = token & 0xFF
-    divisor = _DIVISOR_BY_SEGMENT[segment]
-    last_price = ltp / divisor
-    close_price = close / divisor
-    return QuoteTick(
-        segment != _INDICES_SEGMENT,
-        "quote",
-        token,
-        last_price,
-        ltq,
-        atp / divisor,
-        volume,
-        buy,
-        sell,
-        Ohlc(open_ / divisor, high / divisor, low / divisor, close_price),
-        _percent_change(last_price, close_price),
-    )
+# What the index packets and the quote and full packets start with, after tradable and mode. The
+# index packets' value 6, an absolute change in raw units, is not published.
+_INDEX_HEAD: Final = (0, 1, (Ohlc, 4, 2, 3, 5), _Change(1, 5))
+_QUOTE_HEAD: Final = (0, 1, 2, 3, 4, 5, 6, (Ohlc, 7, 8, 9, 10), _Change(1, 10))
 
-
-def _decode_full(data: Buffer, offset: int) -> FullTick:
-    v = _FULL.unpack_from(data, offset)
-    token = v[0]
-    segment = token & 0xFF
-    divisor = _DIVISOR_BY_SEGMENT[segment]
-    last_price = v[1] / divisor
-    close_price = v[10] / divisor
-    get = _timestamps.get
-    # Depth entries start at index 16, three values each; spelled out because building these
-    # ten records is the single biggest cost of decoding a full frame.
-    return FullTick(
-        segment != _INDICES_SEGMENT,
-        "full",
-        token,
-        last_price,
-        v[2],
-        v[3] / divisor,
-        v[4],
-        v[5],
-        v[6],
-        Ohlc(v[7] / divisor, v[8] / divisor, v[9] / divisor, close_price),
-        _percent_change(last_price, close_price),
-        get(v[11]) or _timestamp(v[11]),
-        v[12],
-        v[13],
-        v[14],
-        get(v[15]) or _timestamp(v[15]),
-        Depth(
-            [
-                DepthLevel(v[16], v[17] / divisor, v[18]),
-                DepthLevel(v[19], v[20] / divisor, v[21]),
-                DepthLevel(v[22], v[23] / divisor, v[24]),
-                DepthLevel(v[25], v[26] / divisor, v[27]),
-                DepthLevel(v[28], v[29] / divisor, v[30]),
-            ],
-            [
-                DepthLevel(v[31], v[32] / divisor, v[33]),
-                DepthLevel(v[34], v[35] / divisor, v[36]),
-                DepthLevel(v[37], v[38] / divisor, v[39]),
-                DepthLevel(v[40], v[41] / divisor, v[42]),
-                DepthLevel(v[43], v[44] / divisor, v[45]),
-            ],
-        ),
-    )
-
-
-_DECODERS: Final[dict[int, Callable[[Buffer, int], Tick]]] = {
-    LTP_LENGTH: _decode_ltp,
-    INDEX_QUOTE_LENGTH: _decode_index_quote,
-    INDEX_FULL_LENGTH: _decode_index_full,
-    QUOTE_LENGTH: _decode_quote,
-    FULL_LENGTH: _decode_full,
+_PACKETS: Final[dict[int, tuple[struct.Struct, _Spec]]] = {
+    LTP_LENGTH: (_LTP, (LtpTick, _TRADABLE, "ltp", 0, 1)),
+    INDEX_QUOTE_LENGTH: (_INDEX_QUOTE, (IndexQuoteTick, _TRADABLE, "quote", *_INDEX_HEAD)),
+    INDEX_FULL_LENGTH: (_INDEX_FULL, (IndexFullTick, _TRADABLE, "full", *_INDEX_HEAD, 7)),
+    QUOTE_LENGTH: (_QUOTE, (QuoteTick, _TRADABLE, "quote", *_QUOTE_HEAD)),
+    FULL_LENGTH: (
+        _FULL,
+        (FullTick, _TRADABLE, "full", *_QUOTE_HEAD, 11, 12, 13, 14, 15, (Depth, *_DEPTH)),
+    ),
 }
 
+# ---------------------------------------------------------------------------------------------
+# The generator. Every packet starts with the instrument token, value 0 (``v0`` below, whose low
+# byte is the segment). For the 184-byte packet the record decoder reads
+#
+#     v0, v1, ..., v45 = unpack(data, offset)
+#     segment = v0 & 255
+#     divisor = divisors[segment]
+#     p1 = v1 / divisor
+#     p10 = v10 / divisor
+#     return FullTick(segment != 9, 'full', v0, p1, v2, v3 / divisor, ...)
+#
+# and the payload decoder ends in ``return v0, bytes(memoryview(dumps({'tradable': segment != 9,
+# 'mode': 'full', ...})))``. ``print(codec._SOURCES[184, True])`` shows the whole payload decoder.
 
-def decode_frame(data: Buffer, skipped: list[int] | None = None) -> list[Tick]:
-    """Decode one binary websocket message into its ticks, in wire order.
+#: The names generated code uses, bound as closure variables (as cheap to read as locals).
+_NAMES: Final[dict[str, object]] = {
+    "divisors": _DIVISOR_BY_SEGMENT,
+    "time_get": _timestamps.get,
+    "time": _timestamp,
+    "iso_get": _iso_timestamps.get,
+    "iso": _iso_timestamp,
+    "dumps": orjson.dumps,
+    **{cls.__name__: cls for cls in (LtpTick, IndexQuoteTick, IndexFullTick, QuoteTick, FullTick)},
+    **{cls.__name__: cls for cls in (Ohlc, Depth, DepthLevel)},
+}
+#: Generated source by (packet length, payload?), for reading and debugging.
+_SOURCES: dict[tuple[int, bool], str] = {}
 
-    A heartbeat (fewer than 2 bytes) gives ``[]``. Packets of unknown length are skipped and, if
-    ``skipped`` is given, their lengths appended to it. Raises :class:`FrameError` when the
-    framing itself is corrupt (see the module docstring); never any other exception.
+
+def _changes(node: Any) -> Iterable[_Change]:
+    if isinstance(node, _Change):
+        yield node
+    elif isinstance(node, tuple | list):
+        for item in node:
+            yield from _changes(item)
+
+
+class _Writer:
+    """Writes the Python expression of a spec, for records or for payloads."""
+
+    def __init__(self, length: int, values: int, spec: _Spec, *, payload: bool) -> None:
+        self.length = length
+        self.values = values  # how many values the kind's struct unpacks
+        self.payload = payload
+        # Prices ``change`` also uses: divided once, into locals.
+        self.hoisted = {index for change in _changes(spec) for index in (change.last, change.close)}
+
+    def price(self, index: int) -> str:
+        return f"p{index}" if index in self.hoisted else f"v{index} / divisor"
+
+    def expression(self, node: Any, hint: Any) -> str:
+        """The expression of ``node`` for a field of type ``hint``; TypeError if it cannot be."""
+        if isinstance(node, tuple) and node[0] is hint and is_dataclass(hint):
+            return self.record(node)
+        if isinstance(node, list) and get_origin(hint) is list:
+            (item_hint,) = get_args(hint)
+            return "[" + ", ".join(self.expression(item, item_hint) for item in node) + "]"
+        if isinstance(node, _Tradable) and hint is bool:
+            return f"segment != {_INDICES_SEGMENT}"
+        if isinstance(node, _Change) and hint is float:
+            last, close = self.price(node.last), self.price(node.close)
+            # pykiteconnect's operations in its order, so the floats match bit for bit.
+            return f"({last} - {close}) * 100 / {close} if {close} else 0.0"
+        if isinstance(node, str) and get_origin(hint) is Literal and node in get_args(hint):
+            return repr(node)
+        if type(node) is int and 0 <= node < self.values:
+            if hint is float:
+                return self.price(node)
+            if hint is int:
+                return f"v{node}"
+            if hint == datetime | None:
+                cached, convert = ("iso_get", "iso") if self.payload else ("time_get", "time")
+                return f"({cached}(v{node}) or {convert}(v{node}))"
+        raise TypeError(f"{self.length}-byte spec: {node!r} cannot give a {hint}")
+
+    def record(self, node: _Spec) -> str:
+        cls, *arguments = node
+        names = [field.name for field in fields(cls)]
+        if len(arguments) != len(names):
+            raise TypeError(f"{self.length}-byte spec: {cls.__name__} has {len(names)} fields")
+        hints = get_type_hints(cls)
+        parts = [self.expression(arguments[i], hints[name]) for i, name in enumerate(names)]
+        if not self.payload:
+            return f"{cls.__name__}({', '.join(parts)})"
+        # The payload's keys are the record's field names, in the record's order.
+        items = [f"{name!r}: {part}" for name, part in zip(names, parts, strict=True)]
+        return "{" + ", ".join(items) + "}"
+
+
+def _source(length: int, values: int, spec: _Spec, *, payload: bool) -> str:
+    """Python source of a factory ``make(unpack, **_NAMES)`` of one decoder of a packet kind.
+
+    Records are built by constructor calls; payloads by dict displays, then ``orjson.dumps`` and
+    an exact-size copy (see ``payload.tick_json``).
     """
+    writer = _Writer(length, values, spec, payload=payload)
+    result = writer.expression(spec, spec[0])
+    if payload:
+        result = f"v0, bytes(memoryview(dumps({result})))"
+    name = f"decode_{length}_{'payload' if payload else 'record'}"
+    return "\n".join(
+        [
+            f"def make(unpack, {', '.join(_NAMES)}):",
+            f"    def {name}(data, offset):",
+            f"        {', '.join(f'v{i}' for i in range(values))} = unpack(data, offset)",
+            "        segment = v0 & 255",
+            "        divisor = divisors[segment]",
+            *(f"        p{index} = v{index} / divisor" for index in sorted(writer.hoisted)),
+            f"        return {result}",
+            f"    return {name}",
+            "",
+        ]
+    )
+
+
+def _compile(length: int, *, payload: bool) -> Callable[[Buffer, int], Any]:
+    packer, spec = _PACKETS[length]
+    if packer.size != length:
+        raise TypeError(f"{length}-byte spec: its struct reads {packer.size} bytes")
+    values = len(packer.unpack(bytes(length)))
+    source = _SOURCES[length, payload] = _source(length, values, spec, payload=payload)
+    namespace: dict[str, Any] = {}
+    exec(compile(source, f"<bridge.kite.codec {length}-byte packet>", "exec"), namespace)
+    decoder: Callable[[Buffer, int], Any] = namespace["make"](packer.unpack_from, **_NAMES)
+    return decoder
+
+
+_RECORD_DECODERS: Final[dict[int, Callable[[Buffer, int], Tick]]] = {
+    length: _compile(length, payload=False) for length in _PACKETS
+}
+_PAYLOAD_DECODERS: Final[dict[int, Callable[[Buffer, int], tuple[int, bytes]]]] = {
+    length: _compile(length, payload=True) for length in _PACKETS
+}
+
+# ---------------------------------------------------------------------------------------------
+# The framing walk, shared by both outputs.
+
+_Item = TypeVar("_Item")
+
+
+def _walk(
+    data: Buffer, skipped: list[int] | None, decoders: dict[int, Callable[[Buffer, int], _Item]]
+) -> list[_Item]:
     size = len(data)
     if size < 2:
         return []
     (count,) = _U16.unpack_from(data, 0)
-    ticks: list[Tick] = []
-    append = ticks.append
-    decoders = _DECODERS.get
+    items: list[_Item] = []
+    append = items.append
+    decoder_for = decoders.get
     unpack_length = _U16.unpack_from
     position = 2
     for index in range(count):
@@ -273,7 +373,7 @@ def decode_frame(data: Buffer, skipped: list[int] | None = None) -> list[Tick]:
                 f"packet {index + 1} of {count} at offset {position} declares {length} bytes,"
                 f" running past the end of the frame (frame length {size})"
             )
-        decoder = decoders(length)
+        decoder = decoder_for(length)
         if decoder is not None:
             append(decoder(data, position))
         elif skipped is not None:
@@ -284,7 +384,27 @@ def decode_frame(data: Buffer, skipped: list[int] | None = None) -> list[Tick]:
             f"{size - position} trailing bytes at offset {position} after the {count} declared"
             f" packets (frame length {size})"
         )
-    return ticks
+    return items
+
+
+def decode_frame(data: Buffer, skipped: list[int] | None = None) -> list[Tick]:
+    """Decode one binary websocket message into its ticks, in wire order.
+
+    A heartbeat (fewer than 2 bytes) gives ``[]``. Packets of unknown length are skipped and, if
+    ``skipped`` is given, their lengths appended to it. Raises :class:`FrameError` when the
+    framing itself is corrupt (see the module docstring); never any other exception.
+    """
+    return _walk(data, skipped, _RECORD_DECODERS)
+
+
+def frame_payloads(data: Buffer, skipped: list[int] | None = None) -> list[tuple[int, bytes]]:
+    """``(instrument_token, CONTRACT §3 JSON)`` per tick of one binary message, in wire order.
+
+    Each payload is byte for byte ``payload.tick_json(record)`` of the matching record of
+    :func:`decode_frame`, exact-size, at about twice the speed. Heartbeats, unknown packet
+    lengths, ``skipped`` and :class:`FrameError` exactly as :func:`decode_frame`.
+    """
+    return _walk(data, skipped, _PAYLOAD_DECODERS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import re
 import time
 import types
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, NamedTuple, TypeAlias, get_args
@@ -67,6 +67,7 @@ __all__ = [
     "DEFAULT_KITE_WEB_URL",
     "FeedError",
     "FeedStats",
+    "FrameDecoder",
     "KiteFeed",
 ]
 
@@ -317,6 +318,9 @@ def _make_logger(logger: Any) -> Any:
 
 
 TickHandler: TypeAlias = Callable[["KiteFeed", Any], object]
+#: Turns one binary frame into what ``on_tick`` gets; appends unknown packet lengths to its
+#: list argument and raises :class:`~bridge.kite.codec.FrameError` on corrupt framing.
+FrameDecoder: TypeAlias = Callable[[bytes, list[int]], Sequence[Any]]
 OrderHandler: TypeAlias = Callable[["KiteFeed", dict[str, Any]], object]
 ErrorHandler: TypeAlias = Callable[["KiteFeed", FeedError], object]
 MessageHandler: TypeAlias = Callable[["KiteFeed", KiteMessage], object]
@@ -335,7 +339,10 @@ class KiteFeed:
     ``on_error``; the feed carries on.
 
     * ``on_tick(feed, ticks)``: a non-empty ``list[Tick]`` per binary frame, or with
-      ``parse_data=False`` the raw ``bytes`` of each frame (heartbeats are never delivered);
+      ``parse_data=False`` the raw ``bytes`` of each frame (heartbeats are never delivered).
+      ``decoder`` replaces :func:`~bridge.kite.codec.decode_frame` (the service passes
+      ``codec.frame_payloads``); the feed still counts ticks, skipped packets and malformed
+      frames;
     * ``on_order_update(feed, data)``: the ``data`` dict of an order text frame;
     * ``on_message(feed, message)``: a :class:`~bridge.kite.messages.KiteMessage`;
     * ``on_error(feed, error)``: a :data:`FeedError`;
@@ -364,6 +371,7 @@ class KiteFeed:
         batch_size: int = 200,
         queue_size: int = 10_000,
         queue_bytes: int = 32 * 2**20,
+        decoder: FrameDecoder = decode_frame,
         on_tick: TickHandler | None = None,
         on_order_update: OrderHandler | None = None,
         on_connect: ConnectHandler | None = None,
@@ -388,6 +396,7 @@ class KiteFeed:
         self.api_key = api_key
         self.user_id = user_id
         self.parse_data = parse_data
+        self._decoder = decoder
         self.max_retries = max_retries
         self.reset_after = reset_after
         self.liveness_timeout = liveness_timeout
@@ -856,6 +865,7 @@ class KiteFeed:
         stats = self.stats
         items = inbox.items
         skipped: list[int] = []
+        decode = self._decoder
         while True:
             if not items:
                 await inbox.wait()
@@ -865,7 +875,7 @@ class KiteFeed:
                     handler = self.on_tick
                     if self.parse_data:
                         try:
-                            ticks = decode_frame(item, skipped)
+                            ticks = decode(item, skipped)
                         except FrameError as exc:
                             await self._malformed(exc, len(item))
                             continue

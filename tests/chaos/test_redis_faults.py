@@ -202,3 +202,46 @@ async def test_a_subscriber_that_stops_reading_is_cut_off_not_the_bridge(
 async def _not(check: object) -> bool:
     assert asyncio.iscoroutine(check)
     return not await check
+
+
+async def test_a_hung_redis_under_load_never_stalls_the_websocket(
+    make_sim: MakeSim, launch: Launch, listen: Listen, private_redis: MakeRedis
+) -> None:
+    """Backpressure only while Redis makes progress: a hung server ends it, ticks conflate."""
+    server = await private_redis()
+    tokens = ",".join(str(BASE_TOKEN + i) for i in range(200))
+    sim = await make_sim(tick_interval=0.02)  # 200 full-mode tokens: ~10,000 ticks/s
+    bridge = await launch(sim, server.url, BRIDGE_SUBSCRIBE=f"full:{tokens}")
+    listener = await listen(server.url)
+    await wait_until(bridge.ready, within=15)
+    await wait_until(lambda: listener.total_ticks > 5000, within=10)
+
+    server.freeze()
+    try:
+        before = await bridge.metrics()
+        await asyncio.sleep(3.0)  # far longer than the 0.5 s stall timeout
+        during = await bridge.metrics()
+    finally:
+        server.thaw()
+    # The feed kept reading at the simulator's rate while Redis answered nothing...
+    frames = during["bridge_frames_total"] - before["bridge_frames_total"]
+    assert frames > 0.7 * 3.0 / 0.02, frames
+    assert during["bridge_publish_stalls_total"] >= 1
+    assert during["bridge_ticks_replaced_total"] > 0  # ...and conflated what it could not send
+    assert during["bridge_publish_pending"] <= 10_000 + 200
+
+    # Redis answers again: ticks flow, nothing was dropped by the feed, nothing unaccounted.
+    before_ticks = listener.total_ticks
+    await wait_until(lambda: listener.total_ticks > before_ticks + 5000, within=10)
+    metrics = await quiesce(sim, bridge)
+    reconnects = [v for (name, _), v in metrics.values.items() if name == "bridge_reconnects_total"]
+    assert reconnects
+    assert sum(reconnects) == 0
+    assert_ticks_accounted(metrics)
+    print(
+        f"frozen 3 s: {frames:.0f} frames read, "
+        f"{during['bridge_ticks_replaced_total']:.0f} ticks conflated, "
+        f"stalls={during['bridge_publish_stalls_total']:.0f}"
+    )
+    code, _ = await bridge.stop()
+    assert code == 0
