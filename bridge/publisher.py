@@ -141,7 +141,7 @@ class Publisher:
         self._conflate_logged_at = -1e9
         self._stall_logged_at = -1e9
 
-    # -- hand-off (sync, called from the feed's reader) -------------------------------------
+    # -- hand-off (called from the feed's dispatcher) ---------------------------------------
 
     @property
     def pending(self) -> int:

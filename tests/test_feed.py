@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import orjson
 import pytest
 import structlog
 from helpers import free_port
@@ -28,6 +29,7 @@ from bridge.kite import (
     RetriesExhausted,
     Tick,
     decode_frame,
+    frame_payloads,
 )
 from bridge.kite.records import FullTick, IndexFullTick, LtpTick, QuoteTick
 from bridge.simulator.server import Simulator
@@ -332,6 +334,25 @@ async def test_raw_frames_with_parse_data_false(sim: Simulator) -> None:
     assert all(isinstance(frame, bytes) and len(frame) > 1 for frame in rec.frames)
     decoded = decode_frame(rec.frames[0])
     assert [(tick.instrument_token, tick.mode) for tick in decoded] == [(INFY, "full")]
+
+
+async def test_a_decoder_replaces_decode_frame_and_keeps_the_counting(sim: Simulator) -> None:
+    """What the service does: ``decoder=frame_payloads`` hands (token, JSON) pairs to on_tick."""
+    got: list[list[tuple[int, bytes]]] = []
+    feed = make_feed(sim.url, decoder=frame_payloads)
+    feed.on_tick = lambda _feed, payloads: got.append(payloads)
+    async with running(feed):
+        await feed.subscribe_symbols([INFY, SBIN], "quote")
+        await wait_for(lambda: len(got) >= 3)
+        await sim.send_binary(b"\x00\x02\x00\x08\x00")  # framing cut short
+        await sim.send_binary(b"\x00\x01\x00\x03abc")  # one packet of an unknown length
+        await wait_for(lambda: feed.stats.malformed_frames == 1 and feed.stats.skipped_packets == 1)
+    pairs = [pair for frame in got for pair in frame]
+    assert {token for token, _ in pairs} == {INFY, SBIN}
+    for token, payload in pairs:
+        tick = orjson.loads(payload)
+        assert (tick["instrument_token"], tick["mode"]) == (token, "quote")
+    assert feed.stats.ticks == len(pairs)
 
 
 async def test_heartbeats_keep_an_idle_feed_alive(sim: Simulator) -> None:
