@@ -11,7 +11,9 @@
 # removed on exit (`down -v`); on failure the logs are printed first.
 #
 # Environment: E2E_PROJECT (compose project, default bridge-e2e), E2E_USE_HUB=1 to use the public
-# base images instead of stand-ins, KEEP_DOCKERD=1 to leave a dockerd this script started running.
+# base images instead of stand-ins, KEEP_DOCKERD=1 to leave a dockerd this script started running,
+# E2E_COMPOSE=v2|v1 to run the stack with `docker compose` or `docker-compose` (default: v2 when
+# installed, else v1). docker-compose.yml is validated with every Compose that is installed.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -58,14 +60,19 @@ ensure_engine() {
 }
 
 COMPOSE=()
+ALL_COMPOSE=() # every installed Compose, "docker compose" and/or "docker-compose"
 pick_compose() {
-    if docker compose version >/dev/null 2>&1; then
-        COMPOSE=(docker compose)
-    elif command -v docker-compose >/dev/null; then
-        COMPOSE=(docker-compose)
-    else
-        fail "neither 'docker compose' nor 'docker-compose' is available"
-    fi
+    docker compose version >/dev/null 2>&1 && ALL_COMPOSE+=("docker compose")
+    command -v docker-compose >/dev/null && ALL_COMPOSE+=("docker-compose")
+    case "${E2E_COMPOSE:-auto}" in
+    v2) docker compose version >/dev/null 2>&1 || fail "E2E_COMPOSE=v2 but 'docker compose' is missing"
+        COMPOSE=(docker compose) ;;
+    v1) command -v docker-compose >/dev/null || fail "E2E_COMPOSE=v1 but 'docker-compose' is missing"
+        COMPOSE=(docker-compose) ;;
+    auto) [[ ${#ALL_COMPOSE[@]} -gt 0 ]] || fail "neither 'docker compose' nor 'docker-compose' is available"
+        read -r -a COMPOSE <<<"${ALL_COMPOSE[0]}" ;;
+    *) fail "E2E_COMPOSE must be v1, v2 or unset, not '${E2E_COMPOSE}'" ;;
+    esac
     log "compose: ${COMPOSE[*]} ($("${COMPOSE[@]}" version --short 2>/dev/null || echo '?'))"
 }
 
@@ -214,7 +221,12 @@ elif [[ ${CI:-} == true ]]; then
 else
     log "WARNING: hadolint not found; Dockerfile not linted"
 fi
-compose config -q || fail "docker-compose.yml does not validate"
+for each in "${ALL_COMPOSE[@]}"; do
+    read -r -a tool <<<"$each"
+    "${tool[@]}" --project-name "$PROJECT" --project-directory "$ROOT" --file "$ROOT/docker-compose.yml" \
+        --env-file "$ENV_FILE" config -q || fail "docker-compose.yml does not validate with $each"
+    log "compose config: valid for $each ($("${tool[@]}" version --short 2>/dev/null || echo '?'))"
+done
 
 compose down -v --remove-orphans >/dev/null 2>&1 || true # a previous run's leftovers
 STACK_UP=1
