@@ -15,8 +15,6 @@ from structlog.testing import capture_logs
 
 from bridge.transports import LuaTransport, PipelineTransport, UnrepliedTransport
 
-pytestmark = pytest.mark.redis
-
 
 @pytest.fixture
 async def admin(redis_url: str) -> AsyncIterator[Redis]:
@@ -66,6 +64,7 @@ async def reply_calls(admin: Redis) -> int:
     return int(entry.get("calls", 0)) if isinstance(entry, dict) else 0
 
 
+@pytest.mark.redis
 async def test_batches_arrive_in_order_and_only_the_first_waits_for_every_reply(
     redis_url: str, namespace: str, admin: Redis, listener: PubSub
 ) -> None:
@@ -88,6 +87,7 @@ async def test_batches_arrive_in_order_and_only_the_first_waits_for_every_reply(
     await client.aclose()
 
 
+@pytest.mark.redis
 async def test_first_batch_counts_messages_nobody_hears(redis_url: str, namespace: str) -> None:
     client = Redis.from_url(redis_url)
     transport = UnrepliedTransport(client)
@@ -96,6 +96,7 @@ async def test_first_batch_counts_messages_nobody_hears(redis_url: str, namespac
     await client.aclose()
 
 
+@pytest.mark.redis
 async def test_a_killed_connection_fails_the_batch_then_recovers_on_a_new_one(
     redis_url: str, namespace: str, admin: Redis, listener: PubSub
 ) -> None:
@@ -129,6 +130,7 @@ async def acl_user(admin: Redis) -> AsyncIterator[tuple[str, str]]:
     await admin.acl_deluser(name)
 
 
+@pytest.mark.redis
 async def test_a_server_refusing_client_reply_gets_lua(
     redis_url: str,
     namespace: str,
@@ -155,6 +157,7 @@ async def test_a_server_refusing_client_reply_gets_lua(
     await client.aclose()
 
 
+@pytest.mark.redis
 async def test_a_denied_tick_channel_raises_instead_of_vanishing(
     redis_url: str, namespace: str, admin: Redis, acl_user: tuple[str, str]
 ) -> None:
@@ -176,6 +179,7 @@ async def test_a_denied_tick_channel_raises_instead_of_vanishing(
     await client.aclose()
 
 
+@pytest.mark.redis
 @pytest.mark.parametrize("kind", [LuaTransport, PipelineTransport, UnrepliedTransport])
 async def test_every_transport_publishes_the_same(
     redis_url: str, namespace: str, listener: PubSub, kind: type[UnrepliedTransport]
