@@ -132,7 +132,8 @@ class UnrepliedTransport:
     The connection is this transport's own (taken from the pool and never returned), because
     a batch cut short mid-way (timeout, cancellation) can leave it with replies off; every such
     failure disconnects it, and a new connection starts with replies on. If the server refuses
-    ``CLIENT REPLY`` (Redis < 3.2, a proxy, an ACL, fakeredis), the transport switches to
+    ``CLIENT REPLY`` (Redis < 3.2, a proxy, an ACL), or accepts it but answers anyway (the
+    first answer of a batch is not the final ``+OK``), the transport switches to
     :class:`LuaTransport` for good.
     """
 
@@ -164,10 +165,18 @@ class UnrepliedTransport:
             self._checked = False
             await connection.disconnect(nowait=True)
             raise
-        if reply != b"OK":  # pragma: no cover - a server that breaks RESP
-            self._checked = False
-            await connection.disconnect(nowait=True)
-            raise ResponseError(f"CLIENT REPLY ON answered {reply!r}")
+        if reply != b"OK":
+            # Replies were not switched off (a proxy or server that accepts CLIENT REPLY but
+            # ignores it): the answers are out of step with the batches. Never use this path on
+            # it again; re-send the batch through Lua (at-least-once: it may repeat).
+            _log.warning(
+                "publish_transport_fallback",
+                error=f"CLIENT REPLY OFF ignored: first answer {reply!r}",
+                fallback="lua",
+            )
+            await self.aclose()
+            self._fallback = LuaTransport(self._redis)
+            return await self._fallback(flat)
         return 0
 
     async def aclose(self) -> None:

@@ -13,6 +13,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import NoPermissionError
 from structlog.testing import capture_logs
 
+from bridge import transports
 from bridge.transports import LuaTransport, PipelineTransport, UnrepliedTransport
 
 
@@ -209,3 +210,26 @@ async def test_fakeredis_takes_the_unreplied_path_too() -> None:
         got.append(msg["data"])
     assert got == [b"a", b"a"]
     assert transport._fallback is None
+
+
+@pytest.mark.redis
+async def test_a_server_ignoring_client_reply_off_gets_lua_not_a_loop(
+    redis_url: str, namespace: str, listener: PubSub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stand-in for a proxy that accepts CLIENT REPLY but forwards replies anyway: the "OFF"
+    # becomes a PING, so every command of the batch answers and the first answer is PONG.
+    monkeypatch.setattr(transports, "_REPLY_OFF", b"*1\r\n$4\r\nPING\r\n")
+    client = Redis.from_url(redis_url)
+    transport = UnrepliedTransport(client)
+    first, second, third = (batch(namespace, start, 3) for start in (0, 3, 6))
+    with capture_logs() as logs:
+        await transport(first)  # checked batch, replies on: fine
+        await transport(second)  # answers out of step: switch to Lua and send it again
+        await transport(third)
+    fallbacks = [e for e in logs if e["event"] == "publish_transport_fallback"]
+    assert [e["fallback"] for e in fallbacks] == ["lua"]
+    assert "CLIENT REPLY OFF ignored" in fallbacks[0]["error"]
+    # At-least-once: the second batch twice, in order, then the third once.
+    assert await received(listener, 12) == pairs(first + second + second + third)
+    assert await client.ping()
+    await client.aclose()
