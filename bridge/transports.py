@@ -1,8 +1,7 @@
 """How a batch of (channel, message) pairs reaches Redis in one round trip.
 
 The publisher hands every transport a flat list alternating channel and message. Three ways to
-send it, fastest first; :func:`best_transport` chains them so the bridge uses the fastest the
-server accepts (measured per message with ``bench/transports.py``, a pattern subscriber
+send it, fastest first (measured per message with ``bench/transports.py``, a pattern subscriber
 attached, docs/performance.md):
 
 * :class:`UnrepliedTransport`: the batch pre-encoded as RESP ``PUBLISH`` commands between
@@ -14,7 +13,8 @@ attached, docs/performance.md):
   reply per command costs ~5-15 µs of bridge CPU per message. Portable: fakeredis, proxies.
 
 Each falls back to the next for good on its first refusal (a ``ResponseError``: the command is
-unknown, or an ACL denies it), logging it once.
+unknown, or an ACL denies it; for ``CLIENT REPLY`` also a server that ignores it), logging it
+once, so the bridge uses the fastest the server accepts.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ __all__ = [
     "PipelineTransport",
     "Transport",
     "UnrepliedTransport",
-    "best_transport",
 ]
 
 _log = structlog.get_logger(__name__)
@@ -105,11 +104,7 @@ _MAX_HEADS: Final = 20_000
 
 
 class _Refused(Exception):
-    """The server refused ``CLIENT REPLY``: this transport cannot work there."""
-
-    def __init__(self, error: ResponseError) -> None:
-        super().__init__(str(error))
-        self.error = error
+    """The server refuses or ignores ``CLIENT REPLY``: this transport cannot work there."""
 
 
 class UnrepliedTransport:
@@ -156,8 +151,13 @@ class UnrepliedTransport:
                 return await self._first_batch(connection, flat)
             await connection.send_packed_command(self._encode(flat, unreplied=True), False)
             reply = await connection.read_response()
+            if reply != b"OK":
+                # Replies were not switched off (a proxy or server that accepts CLIENT REPLY but
+                # ignores it): the answers are out of step with the batches.
+                raise _Refused(f"CLIENT REPLY OFF ignored: first answer {reply!r}")
         except _Refused as refused:
-            _log.warning("publish_transport_fallback", error=str(refused.error), fallback="lua")
+            # For good; the batch is re-sent through Lua (at-least-once: it may repeat).
+            _log.warning("publish_transport_fallback", error=str(refused), fallback="lua")
             await self.aclose()
             self._fallback = LuaTransport(self._redis)
             return await self._fallback(flat)
@@ -165,18 +165,6 @@ class UnrepliedTransport:
             self._checked = False
             await connection.disconnect(nowait=True)
             raise
-        if reply != b"OK":
-            # Replies were not switched off (a proxy or server that accepts CLIENT REPLY but
-            # ignores it): the answers are out of step with the batches. Never use this path on
-            # it again; re-send the batch through Lua (at-least-once: it may repeat).
-            _log.warning(
-                "publish_transport_fallback",
-                error=f"CLIENT REPLY OFF ignored: first answer {reply!r}",
-                fallback="lua",
-            )
-            await self.aclose()
-            self._fallback = LuaTransport(self._redis)
-            return await self._fallback(flat)
         return 0
 
     async def aclose(self) -> None:
@@ -195,7 +183,7 @@ class UnrepliedTransport:
         try:
             await connection.read_response()
         except ResponseError as exc:
-            raise _Refused(exc) from exc
+            raise _Refused(str(exc)) from exc
         await connection.send_packed_command(self._encode(flat, unreplied=False), False)
         unheard = 0
         for _ in range(len(flat) // 2):
@@ -225,8 +213,3 @@ class UnrepliedTransport:
         if unreplied:
             append(_REPLY_ON)
         return parts
-
-
-def best_transport(redis: Redis) -> UnrepliedTransport:
-    """The fastest transport, falling back by itself to what the server accepts."""
-    return UnrepliedTransport(redis)
