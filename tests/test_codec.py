@@ -182,6 +182,16 @@ def test_skipped_list_is_appended_to_not_replaced(decode: Decode) -> None:
     assert skipped == [99, 3]
 
 
+@BOTH
+def test_a_rejected_frame_reports_no_skipped_packets(decode: Decode) -> None:
+    """A frame is rejected whole, so the unknown packet before the fault was not "skipped"."""
+    skipped: list[int] = []
+    with pytest.raises(FrameError, match="running past the end"):
+        # two packets: 5 bytes of an unknown kind, then 8 declared with only 2 present
+        decode(bytes.fromhex("0002 0005 0102030405 0008 0000"), skipped)
+    assert skipped == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Field decoding
 

@@ -359,6 +359,7 @@ def _walk(
     decoder_for = decoders.get
     unpack_length = _U16.unpack_from
     position = 2
+    unknown: list[int] = []  # reported only once the whole frame is known to be sound
     for index in range(count):
         if position + 2 > size:
             raise FrameError(
@@ -376,14 +377,16 @@ def _walk(
         decoder = decoder_for(length)
         if decoder is not None:
             append(decoder(data, position))
-        elif skipped is not None:
-            skipped.append(length)
+        else:
+            unknown.append(length)
         position = end
     if position != size:
         raise FrameError(
             f"{size - position} trailing bytes at offset {position} after the {count} declared"
             f" packets (frame length {size})"
         )
+    if unknown and skipped is not None:
+        skipped.extend(unknown)
     return items
 
 
