@@ -6,7 +6,7 @@
 # The base image is an argument so air-gapped builds can point it at a mirror. Both stages use
 # it: the venv built in the first is only valid next to the same interpreter. Only `python3` on
 # PATH is assumed (official images have it in /usr/local/bin, Debian's in /usr/bin).
-ARG PYTHON_IMAGE=python:3.12-slim
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build local stand-ins for the public base images (python:3.12-slim, redis:7.4-alpine) on a
+# Build local stand-ins for the public base images (python:3.11-slim-bookworm, redis:7.4-alpine) on a
 # machine that cannot reach Docker Hub, so the real Dockerfile and docker-compose.yml are built
 # and run unchanged, with PYTHON_IMAGE / REDIS_IMAGE pointed at these tags.
 #
