@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     http_host: str = Field(default="0.0.0.0", min_length=1)
     #: Seconds without any frame (ticks or heartbeats) before a connected feed is declared dead.
     liveness_timeout: float = Field(default=5.0, gt=0)
+    #: Seconds the oldest unpublished frame may wait while the bridge paces itself to Redis
+    #: (completeness); past it, the newest tick per instrument wins (freshness). publisher.py.
+    max_lag: float = Field(default=0.25, gt=0)
 
     _config_file: Path | None = PrivateAttr(default=None)
 
@@ -167,7 +170,13 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "max_retries", "base_wait", "max_wait", "http_port", "liveness_timeout", mode="before"
+        "max_retries",
+        "base_wait",
+        "max_wait",
+        "http_port",
+        "liveness_timeout",
+        "max_lag",
+        mode="before",
     )
     @classmethod
     def _not_bool(cls, value: Any) -> Any:

@@ -2,19 +2,25 @@
 
 The feed's dispatcher hands over every decoded frame: :meth:`Publisher.submit_payloads` takes
 ready (token, JSON) pairs from the codec's payload path, :meth:`Publisher.submit` takes records
-and serialises them. Either only appends (channel, JSON) to a buffer and wakes the sender task,
-which publishes everything that accumulated (events first, then ticks) in ONE round trip
-(``bridge/transports.py``). The buffer holds bytes only, which the garbage collector never
-scans (holding records made the whole path about 2x slower, docs/performance.md).
+and serialises them. Either only appends the frame's (channel, JSON) pairs to a buffer and wakes
+the sender task, which publishes what accumulated (events first, then ticks) in ONE round trip
+(``bridge/transports.py``): whole frames, up to ``batch_max`` ticks or one frame if that is
+larger, so the ticks of one websocket frame always reach Redis together. The buffer holds bytes
+only, which the garbage collector never scans (holding records made the whole path about 2x
+slower, docs/performance.md).
 
 Two policies for when ticks arrive faster than they are published:
 
-* **Redis is answering, the bridge is behind** (a burst, or more ticks than one core can
-  publish): :meth:`Publisher.backpressure` asks the dispatcher to wait until the backlog falls
-  from ``high_water`` to ``low_water``. The feed's inbox then fills, its reader stops reading and
-  TCP pushes back on the server: ticks arrive late but none is thrown away.
-* **Redis is down or stalled** (an outage, or no batch completed for ``stall_timeout``): no
-  waiting, so the websocket keeps being read at full speed. Ticks queue in arrival order up to
+* **Redis is answering, the bridge is a little behind** (a burst, or more ticks than one core
+  can both decode and publish): :meth:`Publisher.backpressure` asks the dispatcher to wait until
+  the backlog falls from ``high_water`` to ``low_water``, which hands the CPU to the sender
+  rather than to decoding ticks that would only be conflated. Frames wait in the feed's inbox
+  meanwhile; the websocket reader goes on reading. This holds only while the oldest frame
+  waiting there is at most ``max_lag`` old: pacing the feed further would delay every tick
+  behind it, so past that the dispatcher is not asked to wait and the policy below applies.
+* **Redis is down, stalled or too slow** (an outage, no batch completed for ``stall_timeout``,
+  or the feed ``max_lag`` behind): no waiting, so the websocket keeps being read and decoded at
+  full speed. Ticks queue in arrival order up to
   ``max_pending``; past that the buffer is *conflated*: only the newest tick per instrument is
   kept and every tick thrown away is counted in ``stats.replaced``. Memory is bounded by
   ``max_pending`` ticks plus one per instrument (at most Kite's 3000 subscriptions), and
@@ -69,6 +75,7 @@ class PublisherStats:
     serialize_errors: int = 0  #: ticks that could not be turned into JSON (dropped)
     backpressure_waits: int = 0  #: times the feed was asked to wait for the backlog to drain
     backpressure_stalls: int = 0  #: waits given up after ``stall_timeout`` without progress
+    backpressure_lagging: int = 0  #: waits skipped or cut short: the feed was ``max_lag`` behind
     errors: int = 0  #: failed round trips
     batches: int = 0  #: successful round trips
     unheard: int = 0  #: messages no subscriber was listening for
@@ -94,6 +101,7 @@ class Publisher:
         high_water: int | None = None,
         low_water: int | None = None,
         stall_timeout: float = 0.5,
+        max_lag: float = 0.25,
         base_wait: float = 0.05,
         max_wait: float = 5.0,
         clock: Callable[[], float] = time.perf_counter,
@@ -116,6 +124,7 @@ class Publisher:
         self._high_water = high
         self._low_water = low
         self._stall_timeout = stall_timeout
+        self._max_lag = max_lag
         if transport == "unreplied":
             self._transport: Transport = UnrepliedTransport(redis)
         elif transport == "lua":
@@ -126,9 +135,11 @@ class Publisher:
             self._transport = transport
         self._outage = Outage("publish", _log, base_wait=base_wait, max_wait=max_wait)
         self._channels: dict[int, bytes] = {}
-        # Ready ticks, flat: channel, message, channel, message... in arrival order while under
-        # max_pending. Once conflating: channel -> newest message (None until the first overflow).
-        self._buffer: list[bytes] = []
+        # Ready ticks in arrival order while under max_pending, one flat list per frame (channel,
+        # message, channel, message...); _buffered counts their ticks. Once conflating: channel ->
+        # newest message (None until the first overflow).
+        self._frames: deque[list[bytes]] = deque()
+        self._buffered = 0
         self._latest: dict[bytes, bytes] | None = None
         self._events: deque[tuple[bytes, bytes]] = deque()
         self._in_flight = 0
@@ -147,7 +158,7 @@ class Publisher:
     def pending(self) -> int:
         """Ticks and events waiting to be sent (the batch in flight included)."""
         latest = 0 if self._latest is None else len(self._latest)
-        return len(self._buffer) // 2 + latest + len(self._events) + self._in_flight
+        return self._buffered + latest + len(self._events) + self._in_flight
 
     def submit(self, ticks: Sequence[Tick]) -> None:
         """Serialise and queue ``ticks``. O(len(ticks)), never waits, never raises on Redis."""
@@ -166,15 +177,19 @@ class Publisher:
             append(payload)
         self._enqueue(flat)
 
-    def backpressure(self) -> Awaitable[None] | None:
+    def backpressure(self, lag: Callable[[], float] | None = None) -> Awaitable[None] | None:
         """What the feed should await before its next frame, or ``None`` to go straight on.
 
         ``None`` while the backlog is at most ``high_water``, and also while Redis is failing
-        or stalled (the conflation policy applies then; see the module docstring).
+        or stalled, or while ``lag()`` (the feed's, in seconds: ``KiteFeed.lag``) exceeds
+        ``max_lag``: the conflation policy applies then (see the module docstring).
         """
         if self.pending <= self._high_water or self._stalled or self._outage.active:
             return None
-        return self._wait_for_room()
+        if lag is not None and lag() > self._max_lag:
+            self.stats.backpressure_lagging += 1
+            return None
+        return self._wait_for_room(lag)
 
     def publish_event(self, event: bytes) -> None:
         """Queue one ready-made event JSON for ``<ns>:events``."""
@@ -265,11 +280,15 @@ class Publisher:
 
     # -- internals ------------------------------------------------------------------------
 
-    async def _wait_for_room(self) -> None:
-        """Wait until the backlog is down to ``low_water``, for as long as batches keep landing."""
+    async def _wait_for_room(self, lag: Callable[[], float] | None) -> None:
+        """Wait until the backlog is down to ``low_water``, for as long as batches keep landing
+        and the feed is at most ``max_lag`` behind."""
         self.stats.backpressure_waits += 1
         progress = self._progress
         while self.pending > self._low_water and not self._outage.active:
+            if lag is not None and lag() > self._max_lag:
+                self.stats.backpressure_lagging += 1
+                return
             progress.clear()
             try:
                 async with asyncio.timeout(self._stall_timeout):
@@ -289,10 +308,13 @@ class Publisher:
                 return
 
     def _enqueue(self, flat: list[bytes]) -> None:
+        if not flat:
+            return
         latest = self._latest
         if latest is None:
-            self._buffer += flat
-            if len(self._buffer) > 2 * self._max_pending:
+            self._frames.append(flat)
+            self._buffered += len(flat) // 2
+            if self._buffered > self._max_pending:
                 self._conflate()
         else:
             it = iter(flat)
@@ -307,7 +329,7 @@ class Publisher:
         self._wake.set()
 
     def _has_work(self) -> bool:
-        return bool(self._buffer or self._latest or self._events)
+        return bool(self._frames or self._latest or self._events)
 
     def _queue_event(self, channel: bytes, message: bytes) -> None:
         if len(self._events) >= self._max_events:
@@ -317,10 +339,13 @@ class Publisher:
         self._kick()
 
     def _conflate(self) -> None:
-        it = iter(self._buffer)
-        latest = dict(zip(it, it, strict=True))  # later pairs win: the newest per channel
-        self.stats.replaced += len(self._buffer) // 2 - len(latest)
-        self._buffer = []
+        latest: dict[bytes, bytes] = {}
+        for flat in self._frames:
+            it = iter(flat)
+            latest.update(zip(it, it, strict=True))  # later pairs win: the newest per channel
+        self.stats.replaced += self._buffered - len(latest)
+        self._frames.clear()
+        self._buffered = 0
         self._latest = latest
         now = time.monotonic()
         if now - self._conflate_logged_at >= 60.0:  # a slow Redis may flip this often
@@ -332,22 +357,27 @@ class Publisher:
             )
 
     def _take(self) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
-        """The next batch: all events, and at most ``batch_max`` ticks as flat pairs."""
+        """The next batch: all events, and whole frames of ticks as flat pairs: as many as fit
+        in ``batch_max`` ticks, or the first alone if it is larger."""
         events = list(self._events)
         self._events.clear()
         room = self._batch_max
         latest = self._latest
         ticks: list[bytes]
+        frames = self._frames
         if latest is not None:
             keys = list(islice(latest, room))
             ticks = [part for key in keys for part in (key, latest.pop(key))]
             if not latest:
                 self._latest = None
-        elif len(self._buffer) <= 2 * room:
-            ticks, self._buffer = self._buffer, []
+        elif frames:
+            ticks = frames.popleft()
+            pairs = room * 2
+            while frames and len(ticks) + len(frames[0]) <= pairs:
+                ticks += frames.popleft()
+            self._buffered -= len(ticks) // 2
         else:
-            ticks = self._buffer[: 2 * room]
-            del self._buffer[: 2 * room]
+            ticks = []
         return events, ticks
 
     def _put_back(self, events: list[tuple[bytes, bytes]], ticks: list[bytes]) -> None:
@@ -361,8 +391,9 @@ class Publisher:
             return
         latest = self._latest
         if latest is None:
-            self._buffer[:0] = ticks
-            if len(self._buffer) > 2 * self._max_pending:
+            self._frames.appendleft(ticks)  # one "frame": a batch is only ever whole frames
+            self._buffered += len(ticks) // 2
+            if self._buffered > self._max_pending:
                 self._conflate()
             return
         # Conflated: the failed ticks are older than anything buffered since.

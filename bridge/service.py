@@ -113,6 +113,7 @@ class Bridge:
             self.redis,
             ns,
             transport=TimedTransport(UnrepliedTransport(self.redis), latency),
+            max_lag=settings.max_lag,
             base_wait=redis_base_wait,
             max_wait=redis_max_wait,
         )
@@ -471,13 +472,13 @@ class Bridge:
     # -- feed handlers (run on the feed's dispatcher: keep them short) -----------------------
 
     def _on_tick(
-        self, _feed: KiteFeed, payloads: list[tuple[int, bytes]]
+        self, feed: KiteFeed, payloads: list[tuple[int, bytes]]
     ) -> Awaitable[None] | None:
         """One frame's ``(token, JSON)`` pairs; may ask the feed to wait (publisher's policy)."""
         self.publisher.submit_payloads(payloads)
         self.metrics.activity.observe(payloads)
         self._last_tick_at = time.time()
-        return self.publisher.backpressure()
+        return self.publisher.backpressure(feed.lag)
 
     def _on_order_update(self, _feed: KiteFeed, data: dict[str, Any]) -> None:
         self.publisher.publish_order(orjson.dumps(data))

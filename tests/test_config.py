@@ -81,6 +81,7 @@ def test_env_names() -> None:
         "http_port": "BRIDGE_HTTP_PORT",
         "http_host": "BRIDGE_HTTP_HOST",
         "liveness_timeout": "BRIDGE_LIVENESS_TIMEOUT",
+        "max_lag": "BRIDGE_MAX_LAG",
     }
 
 
@@ -100,6 +101,7 @@ def test_env_names() -> None:
         ("BRIDGE_HTTP_PORT", "0", "http_port", 0),
         ("BRIDGE_HTTP_HOST", "127.0.0.1", "http_host", "127.0.0.1"),
         ("BRIDGE_LIVENESS_TIMEOUT", "2.5", "liveness_timeout", 2.5),
+        ("BRIDGE_MAX_LAG", "1.5", "max_lag", 1.5),
         ("bridge_namespace", "lower", "namespace", "lower"),
     ],
 )
@@ -209,6 +211,7 @@ def test_access_token_needs_a_real_api_key(monkeypatch: pytest.MonkeyPatch) -> N
             "BRIDGE_MAX_RETRIES: input should be greater than or equal to 0",
         ),
         ("BRIDGE_BASE_WAIT", "0", "BRIDGE_BASE_WAIT: input should be greater than 0, got '0'"),
+        ("BRIDGE_MAX_LAG", "-1", "BRIDGE_MAX_LAG: input should be greater than 0, got '-1'"),
         ("BRIDGE_MAX_WAIT", "1", "BRIDGE_MAX_WAIT: must be at least BRIDGE_BASE_WAIT"),
         (
             "BRIDGE_HTTP_PORT",

@@ -481,17 +481,22 @@ async def test_slow_consumer_backpressure_is_bounded_and_not_stale(
 ) -> None:
     sim.set_tick_interval(0.005)
     delivered = 0
+    lags: list[float] = []
 
     async def slow(feed: KiteFeed, ticks: list[Tick]) -> None:
         nonlocal delivered
+        lags.append(feed.lag())
         await asyncio.sleep(0.03)
         delivered += 1
 
     feed = make_feed(sim.url, on_tick=slow, liveness_timeout=0.25, **bounds)
+    assert feed.lag() == 0.0
     await feed.subscribe_symbols([INFY], mode)
     task = asyncio.create_task(feed.connect(close_timeout=10))
     await wait_for(lambda: feed.stats.backpressure_waits >= 3 and delivered >= delivered_at_least)
     assert feed.pending <= max_pending
+    # The frames behind a slow handler wait about one handler call each: lag() tells.
+    assert 0.01 < max(lags) < 1.0
     # A full receive buffer must not hide the server's close frame until close_timeout.
     await asyncio.wait_for(feed.close(), 5)
     await task

@@ -44,6 +44,10 @@ class FakeFeed:
     subscriptions: Mapping[int, Mode] = field(default_factory=dict)
     pending: int = 0
     connected: bool = False
+    lag_seconds: float = 0.0
+
+    def lag(self) -> float:
+        return self.lag_seconds
 
 
 @dataclass
@@ -212,7 +216,8 @@ def test_counters_come_straight_from_the_stats() -> None:
     feed.stats.reconnects_by_cause = {"stale": 2, "dropped": 5, "novel": 1}
     publisher.stats.published, publisher.stats.replaced = 880, 20
     publisher.stats.errors, publisher.stats.serialize_errors = 4, 2
-    publisher.pending, feed.pending = 17, 9
+    publisher.pending, feed.pending, feed.lag_seconds = 17, 9, 0.125
+    publisher.stats.backpressure_lagging = 5
     control.stats.applied, control.stats.rejected = 10, 6
     control.stats.by_action = {"subscribe": 9, "list": 1, "invalid": 6}
     text = metrics.render()
@@ -233,6 +238,8 @@ def test_counters_come_straight_from_the_stats() -> None:
     assert value(text, "bridge_publish_errors_total") == 4
     assert value(text, "bridge_publish_pending") == 17
     assert value(text, "bridge_feed_pending") == 9
+    assert value(text, "bridge_feed_lag_seconds") == 0.125
+    assert value(text, "bridge_publish_backpressure_lagging_total") == 5
     assert value(text, "bridge_commands_total", result="applied") == 10
     assert value(text, "bridge_commands_total", result="rejected") == 6
     assert value(text, "bridge_commands_by_action_total", action="invalid") == 6

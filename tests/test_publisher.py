@@ -97,14 +97,39 @@ async def test_frames_that_accumulate_go_out_in_one_pipeline(
     assert publisher.pending == 0
 
 
-async def test_batch_max_splits_a_backlog_into_bounded_round_trips(redis: Redis) -> None:
-    publisher, transport = make(redis, batch_max=2)
-    publisher.submit([ltp(token) for token in range(1, 6)])
+async def test_batch_max_bounds_round_trips_but_never_splits_a_frame(redis: Redis) -> None:
+    publisher, transport = make(redis, batch_max=4)
+    for size in (1, 2, 1, 5, 3, 2):  # frames of these many ticks
+        publisher.submit([ltp(token) for token in range(1, size + 1)])
     while publisher.pending:
         assert await publisher.send_once()
-    assert transport.sizes == [2, 2, 1]
-    assert publisher.stats.batches == 3
-    assert publisher.stats.published == 5
+    # Whole frames while they fit in 4; a 5-tick frame goes alone, whole.
+    assert transport.sizes == [4, 5, 3, 2]
+    assert publisher.stats.batches == 4
+    assert publisher.stats.published == 14
+
+
+async def test_a_failed_batch_goes_back_whole_and_is_sent_whole(redis: Redis) -> None:
+    transport = GatedTransport(redis)
+    publisher = Publisher(
+        redis, NS, transport=transport, batch_max=3, base_wait=0.001, max_wait=0.01
+    )
+    sizes: list[int] = []
+    inner = transport.inner
+
+    async def counting(flat: list[bytes], /) -> int:
+        sizes.append(len(flat) // 2)
+        return await inner(flat)
+
+    transport.inner = counting  # type: ignore[assignment]
+    publisher.submit_payloads(payloads(0, 2))
+    publisher.submit_payloads(payloads(2, 4))
+    transport.fail = True
+    assert not await publisher.send_once()  # the 2-tick frame fails and goes back
+    transport.fail = False
+    while publisher.pending:
+        assert await publisher.send_once()
+    assert sizes == [2, 4]
 
 
 async def test_overflow_keeps_only_the_newest_tick_per_token(
@@ -372,6 +397,43 @@ async def test_backpressure_waits_while_redis_drains_the_backlog_and_loses_nothi
     stats = publisher.stats
     assert (stats.published, stats.replaced, stats.backpressure_waits) == (50, 0, 1)
     assert stats.backpressure_stalls == 0
+
+
+async def test_no_waiting_once_the_feed_lags_behind_max_lag(redis: Redis) -> None:
+    """Pacing the feed is for small backlogs: past max_lag it would only delay every tick."""
+    transport = GatedTransport(redis)
+    publisher = Publisher(
+        redis,
+        NS,
+        transport=transport,
+        max_pending=1000,
+        high_water=40,
+        low_water=10,
+        batch_max=8,
+        stall_timeout=5,
+        max_lag=0.2,
+    )
+    lag = 0.0
+    publisher.submit_payloads(payloads(0, 50))
+    assert publisher.backpressure(lambda: 0.3) is None  # already too far behind: go on
+    assert publisher.stats.backpressure_lagging == 1
+    # A wait in progress ends as soon as the lag passes max_lag, without a stall.
+    transport.gate.clear()
+    publisher.start()
+    wait = publisher.backpressure(lambda: lag)
+    assert wait is not None
+    waiter = asyncio.ensure_future(wait)
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    lag = 0.25
+    publisher._progress.set()  # what each landed (or failed) batch does
+    await asyncio.wait_for(waiter, 1)
+    stats = publisher.stats
+    assert (stats.backpressure_waits, stats.backpressure_lagging) == (1, 2)
+    assert stats.backpressure_stalls == 0
+    transport.gate.set()
+    await publisher.close()
+    assert stats.published == 50
 
 
 async def test_a_stalled_redis_ends_the_wait_and_conflation_takes_over(redis: Redis) -> None:

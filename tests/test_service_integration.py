@@ -289,18 +289,17 @@ async def test_retries_exhausted_exits_4(start_bridge: StartBridge) -> None:
 
 async def test_sigterm_while_waiting_for_redis_exits_0(start_bridge: StartBridge) -> None:
     bridge = await start_bridge(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
-    await asyncio.sleep(1.0)  # imports done, now retrying Redis
+    await wait_until(lambda: '"redis_unavailable"' in bridge.log.read_text(), within=20)
     assert bridge.alive()
     code, took = await bridge.stop()
     assert code == 0
     assert took < 5.0
-    assert '"redis_unavailable"' in bridge.log.read_text()
 
 
 async def test_a_second_signal_forces_exit(start_bridge: StartBridge) -> None:
     # With Redis unreachable the graceful shutdown waits out its flush budget (about 1.5 s).
     bridge = await start_bridge(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
-    await asyncio.sleep(1.0)
+    await wait_until(lambda: '"redis_unavailable"' in bridge.log.read_text(), within=20)
     bridge.proc.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.2)
     assert bridge.alive()

@@ -20,7 +20,8 @@ would not bound memory). When it is full the reader waits, websockets stops read
 and TCP pushes back on the server. A market-data feed must not lose ticks silently; a consumer
 that cannot keep up shows up as ``stats.backpressure_waits`` and, if the server gives up on us,
 as a counted reconnect. While the reader waits, the silence is ours, so the watchdog does not
-call it stale.
+call it stale. :meth:`KiteFeed.lag` tells a handler how far behind it is before that point, so
+one that paces the feed (the bridge's publisher) can choose freshness instead.
 """
 
 from __future__ import annotations
@@ -207,6 +208,8 @@ class _Inbox:
 
     def __init__(self, limit: int, max_bytes: int) -> None:
         self.items: deque[_Item] = deque()
+        #: ``time.monotonic()`` when each waiting frame arrived, oldest first (events have none).
+        self.stamps: deque[float] = deque()
         self.limit = limit
         self.max_bytes = max_bytes
         #: Bytes of the frames waiting (lifecycle events count as nothing).
@@ -232,12 +235,13 @@ class _Inbox:
     def full(self) -> bool:
         return len(self.items) >= self.limit or self.size >= self.max_bytes
 
-    async def put_frame(self, item: bytes | str) -> None:
+    async def put_frame(self, item: bytes | str, stamp: float) -> None:
         """Wait for room (hysteresis: until half empty), then enqueue."""
         while self.full():
             self._space.clear()
             await self._space.wait()
         self.size += len(item)
+        self.stamps.append(stamp)
         self.put_nowait(item)
 
     async def wait(self) -> None:
@@ -251,6 +255,7 @@ class _Inbox:
         item = items.popleft()
         if not isinstance(item, _Event):
             self.size -= len(item)
+            self.stamps.popleft()
         if (
             not self._space.is_set()
             and len(items) <= self._low
@@ -457,6 +462,15 @@ class KiteFeed:
     def pending(self) -> int:
         """Frames and events waiting for the dispatcher."""
         return self._inbox.qsize()
+
+    def lag(self) -> float:
+        """Seconds the oldest frame still waiting for the handlers has waited; 0 when none.
+
+        How far behind the handlers are: a handler that paces the feed (by returning an
+        awaitable) can stop pacing once this grows, rather than delay every tick behind it.
+        """
+        stamps = self._inbox.stamps
+        return time.monotonic() - stamps[0] if stamps else 0.0
 
     def __repr__(self) -> str:
         return (
@@ -827,9 +841,10 @@ class KiteFeed:
         items, limit, max_bytes, ready = inbox.items, inbox.limit, inbox.max_bytes, inbox.ready
         monotonic = time.monotonic
         wall = time.time
+        stamps = inbox.stamps
         async for message in ws:
             stats.frames += 1
-            stats.last_frame_monotonic = monotonic()
+            stats.last_frame_monotonic = now = monotonic()
             stats.last_frame_at = wall()
             if type(message) is bytes:
                 if len(message) < 2:  # 1-byte heartbeat: liveness only
@@ -839,11 +854,12 @@ class KiteFeed:
                 stats.text_messages += 1
             if len(items) < limit and inbox.size < max_bytes:
                 inbox.size += len(message)
+                stamps.append(now)
                 items.append(message)
                 ready.set()
             else:
                 stats.backpressure_waits += 1
-                await inbox.put_frame(message)
+                await inbox.put_frame(message, now)
 
     async def _watch(self, opened: float) -> float:
         """Return the idle time once the server has said nothing for ``liveness_timeout``."""
