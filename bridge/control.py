@@ -1,4 +1,4 @@
-"""The ``<ns>:control`` consumer: take a command, apply it, answer it, acknowledge it.
+"""The ``<ns>:control`` consumer: take a command, apply it, acknowledge it, answer it.
 
 Reliable-queue pattern, at-least-once:
 
@@ -6,19 +6,50 @@ Reliable-queue pattern, at-least-once:
    parks it in the processing list in the same atomic step, so a crash can only leave it there.
 2. The command is parsed and applied (pure, ``bridge.commands``) to the desired set read from
    Redis. The outcome is computed ONCE per command.
-3. ONE MULTI/EXEC writes the new desired set, publishes the result event, pushes the reply (and
-   the dead letter when rejected), and removes the command from processing. Either all of it
-   happens or none of it, so an acknowledged command has always taken effect and an
-   unacknowledged one has not.
-4. The feed is reconciled to the new set. Redis is written first: a crash before this step is
+3. The *state* transaction, one MULTI/EXEC: the new desired set (when it changed), the dead
+   letter (when rejected) and the removal of the command from processing. An acknowledged
+   command has taken effect; a command still in processing has not (or is replayed, which is
+   harmless: commands are idempotent).
+4. The *answer*, a separate best-effort pipeline: the result event on ``<ns>:events`` and, with
+   an id, the reply on ``<ns>:reply:<id>``. It comes after the state, so a bad reply key can
+   never hold up or undo a state change; the price is that a crash between 3 and 4 loses the
+   reply, never the state change or the command.
+5. The feed is reconciled to the new set. Redis is written first: a crash before this step is
    repaired by the reconcile every start and every (re)connect does from Redis.
 
-A Redis error at step 2 or 3 leaves the command in processing; it is retried with backoff from
-memory (the same outcome, so the same writes) until Redis answers. If the EXEC reached Redis but
-its reply was lost, the retry writes the same full set again, publishes one more identical
-result and finds nothing left to remove: a duplicate reply, never a different effect. At
-start-up anything still in processing goes back to the head of ``<ns>:control`` in its original
-order. Commands are idempotent, so replaying one that was applied just before a crash is safe.
+Redis does not roll a transaction back: when one command inside EXEC fails, the others are
+applied all the same. So errors are told apart, and a transaction that ran is never re-run:
+
+* The request as a whole failed: a connection error or timeout (nothing applied, or EXEC's
+  outcome unknown), or EXECABORT (a command refused while queued, e.g. OOM under
+  ``maxmemory-policy noeviction``: nothing applied). The command stays in processing and the
+  state transaction is retried from memory with backoff until Redis takes it: the same writes,
+  so a retry of an EXEC that did run only finds nothing left to remove. EXECABORT and other
+  refusals of a whole request (e.g. NOPERM on reading the set) are logged as errors
+  (``command_transaction_aborted`` / ``command_redis_error``), outages once per outage.
+* One command failed while the others ran, inside the state EXEC or in the answer pipeline
+  (``execute(raise_on_error=False)`` shows every result), e.g. a foreign value of the wrong
+  type at one of our keys. Nothing is re-run:
+  - a failed dead letter, acknowledgement, result event or reply: the command's effect stands,
+    it is not repeated and the queue moves on; logged as ``command_write_failed`` with the key
+    and the error, counted in ``write_errors``. A foreign value at ``<ns>:reply:<id>`` keeps its
+    value but gets the reply's TTL, so that name frees itself.
+  - a failed write of the desired set itself: the command is not silently dropped, it is
+    REJECTED: an ``ok: false`` result saying it was not stored (``subscriptions: null``, as the
+    set Redis holds is then unknown), a dead letter to re-drive it from, an error log
+    (``command_not_stored``), ``store_errors`` counted, and no reconcile. (The set is replaced
+    by DEL then HSET, so a wrong type cannot cause this; it takes e.g. an ACL changed between
+    MULTI and EXEC.)
+* The desired set cannot be read because ``<ns>:subscriptions`` holds the wrong type: the
+  command is rejected the same way (``command_store_unusable``), so every producer gets an
+  immediate answer naming the key, the commands can be re-driven from ``<ns>:control:dead``
+  once the key is fixed, and one bad key never stops the queue. The key is left as it is and
+  the feed keeps its subscriptions. Blocking instead would leave every operator's ``BLPOP``
+  timing out with no reason given while commands pile up behind the one in processing.
+
+A failure to answer because Redis is unreachable is retried with backoff (the result is owed;
+nothing else could proceed anyway), giving up only when a stop is requested. At start-up
+anything still in processing goes back to the head of ``<ns>:control`` in its original order.
 """
 
 from __future__ import annotations
@@ -26,12 +57,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import structlog
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import ExecAbortError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.commands import CommandError, apply_command, parse_command
@@ -40,7 +72,7 @@ from bridge.payload import command_result, dead_letter
 from bridge.redis_client import Outage
 from bridge.subscriptions import SubscriptionStore
 
-__all__ = ["ControlConsumer", "ControlStats", "Outcome"]
+__all__ = ["ControlConsumer", "ControlStats", "Outcome", "WriteFailure"]
 
 _log = structlog.get_logger(__name__)
 
@@ -48,12 +80,33 @@ _log = structlog.get_logger(__name__)
 _UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 _PREVIEW: Final = 200
 
+#: The writes of one command, by what they are for (``WriteFailure.write``).
+SUBSCRIPTIONS: Final = "subscriptions"
+DEAD_LETTER: Final = "dead_letter"
+ACKNOWLEDGEMENT: Final = "acknowledgement"
+EVENT: Final = "event"
+REPLY: Final = "reply"
+ANSWER: Final = "answer"  #: the answer pipeline as a whole
+
 Reconcile = Callable[[Mapping[int, Mode]], Awaitable[None]]
 
 
 def _preview(raw: bytes) -> str:
     text = raw.decode("utf-8", "replace")
     return text if len(text) <= _PREVIEW else text[:_PREVIEW] + "…"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _aborted(exc: BaseException) -> bool:
+    """EXECABORT: redis-py raises the queued command's error ``from`` the ExecAbortError."""
+    return isinstance(exc, ExecAbortError) or isinstance(exc.__cause__, ExecAbortError)
+
+
+def _wrong_type(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
 
 
 async def _pause(delay: float, stop: asyncio.Event | None) -> None:
@@ -66,6 +119,10 @@ async def _pause(delay: float, stop: asyncio.Event | None) -> None:
             await stop.wait()
     except TimeoutError:
         pass
+
+
+def _stopping(stop: asyncio.Event | None) -> bool:
+    return stop is not None and stop.is_set()
 
 
 @dataclass(frozen=True)
@@ -82,13 +139,47 @@ class Outcome:
     dead: bytes | None = None  #: dead-letter JSON when rejected
 
 
+class WriteFailure(NamedTuple):
+    """One command of a transaction or pipeline that Redis refused while running the rest."""
+
+    #: What it was for: SUBSCRIPTIONS, DEAD_LETTER, ACKNOWLEDGEMENT, EVENT, REPLY or ANSWER.
+    write: str
+    key: str
+    error: Exception
+
+
 @dataclass
 class ControlStats:
     applied: int = 0
     rejected: int = 0
+    #: Every Redis error met, whatever its kind (the ones below included).
     redis_errors: int = 0
+    #: Dead letters, acknowledgements, result events and replies Redis refused (not retried).
+    write_errors: int = 0
+    #: Commands rejected because the desired set could not be read or written.
+    store_errors: int = 0
     requeued: int = 0
     by_action: dict[str, int] = field(default_factory=dict)
+
+
+class _Writes:
+    """Queues commands on a pipeline and remembers what each one is for."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe = pipe
+        self._purposes: list[tuple[str, str]] = []
+
+    def tag(self, write: str, key: str) -> None:
+        """Label every command queued since the last tag."""
+        self._purposes += [(write, key)] * (len(self.pipe) - len(self._purposes))
+
+    def failures(self, results: list[Any]) -> list[WriteFailure]:
+        """The first refused command of each purpose, in queue order."""
+        found: dict[str, WriteFailure] = {}
+        for (write, key), result in zip(self._purposes, results, strict=True):
+            if isinstance(result, Exception) and write not in found:
+                found[write] = WriteFailure(write, key, result)
+        return list(found.values())
 
 
 class ControlConsumer:
@@ -201,35 +292,51 @@ class ControlConsumer:
     # -- one command -----------------------------------------------------------------------
 
     async def handle(self, raw: bytes, stop: asyncio.Event | None = None) -> Outcome | None:
-        """Apply, answer and acknowledge one command taken into processing.
+        """Apply, acknowledge and answer one command taken into processing.
 
-        Returns None only when Redis failed while a stop was requested: the command then stays
-        in processing for the next start.
+        Returns None only when Redis failed before the state transaction ran while a stop was
+        requested: the command then stays in processing for the next start.
         """
         log = _log.bind(command=_preview(raw))
         outcome: Outcome | None = None
+        failures: list[WriteFailure] = []
         while True:
             try:
                 if outcome is None:
-                    current = await self._store.load()
-                    outcome = self.decide(raw, current)
-                await self._commit(raw, outcome)
+                    outcome = await self._decide_from_redis(raw, log)
+                failures = await self._commit(raw, outcome)
                 break
             except _UNAVAILABLE as exc:
                 self.stats.redis_errors += 1
-                if stop is not None and stop.is_set():
-                    log.warning("command_left_in_processing", error=str(exc))
+                if _stopping(stop):
+                    log.warning("command_left_in_processing", error=_describe(exc))
                     return None
                 await _pause(self._outage.failed(exc), stop)
             except RedisError as exc:
-                # Not an outage: a key of ours holds the wrong type. Retrying cannot help
-                # until an operator fixes it; keep the command in processing meanwhile.
+                # Refused as a whole, nothing applied: EXECABORT (e.g. OOM under noeviction,
+                # NOPERM) or another refusal of the request. A server condition: wait it out.
                 self.stats.redis_errors += 1
-                log.error("command_redis_error", error=f"{type(exc).__name__}: {exc}")
-                if stop is not None and stop.is_set():
+                log.error(
+                    "command_transaction_aborted" if _aborted(exc) else "command_redis_error",
+                    error=_describe(exc),
+                    consequence="nothing applied; the command stays in processing, retrying",
+                )
+                if _stopping(stop):
+                    log.warning("command_left_in_processing", error=_describe(exc))
                     return None
                 await _pause(self._outage.failed(exc), stop)
         self._outage.recovered()
+
+        # The state transaction ran: from here on nothing of it is ever re-run.
+        dead_pending = False
+        for failure in failures:
+            if failure.write == SUBSCRIPTIONS:
+                outcome = self._not_stored(raw, outcome, failure, log)
+                dead_pending = True
+            else:
+                self._write_failed(failure, log)
+        await self._send_result(outcome, dead_pending, stop, log)
+
         self._count(outcome)
         if outcome.ok:
             log.info(
@@ -243,6 +350,28 @@ class ControlConsumer:
         else:
             log.warning("command_rejected", id=outcome.id, error=outcome.error)
         return outcome
+
+    async def _decide_from_redis(self, raw: bytes, log: Any) -> Outcome:
+        try:
+            current = await self._store.load()
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            # Deterministic until an operator fixes the key: answer now, keep the queue moving.
+            self.stats.redis_errors += 1
+            self.stats.store_errors += 1
+            log.error(
+                "command_store_unusable",
+                key=self._store.key,
+                error=_describe(exc),
+                consequence="command rejected and dead-lettered; the feed keeps its set",
+            )
+            reason = (
+                f"not applied: the desired set {self._store.key} cannot be read ({exc}); "
+                "it must be a hash: fix or delete it, then re-send the command"
+            )
+            return self._unknown_set(raw, reason)
+        return self.decide(raw, current)
 
     def decide(self, raw: bytes, current: Mapping[int, Mode]) -> Outcome:
         """Parse and apply ``raw`` to ``current``: pure, never raises."""
@@ -266,36 +395,120 @@ class ControlConsumer:
             id=command.id,
         )
 
+    def _unknown_set(self, raw: bytes, reason: str, command_id: str | None = None) -> Outcome:
+        """A rejection when the set Redis holds is unknown (``subscriptions: null``).
+
+        A command that is itself invalid is rejected for that reason instead.
+        """
+        try:
+            command = parse_command(raw, self._default_mode)
+        except CommandError as exc:
+            return self._rejected(raw, None, exc.reason, exc.id)
+        except Exception as exc:
+            _log.exception("command_internal_error", command=_preview(raw))
+            return self._rejected(raw, None, f"internal error: {type(exc).__name__}", None)
+        return self._rejected(raw, None, reason, command.id or command_id)
+
     def _rejected(
-        self, raw: bytes, current: dict[int, Mode], reason: str, command_id: str | None
+        self, raw: bytes, current: dict[int, Mode] | None, reason: str, command_id: str | None
     ) -> Outcome:
         result = command_result(raw, ok=False, id=command_id, error=reason, subscriptions=current)
         return Outcome(
             ok=False,
             result=result,
-            desired=current,
+            desired={} if current is None else current,
             changed=False,
             id=command_id,
             error=reason,
             dead=dead_letter(raw, reason),
         )
 
-    async def _commit(self, raw: bytes, outcome: Outcome) -> None:
+    def _not_stored(self, raw: bytes, outcome: Outcome, failure: WriteFailure, log: Any) -> Outcome:
+        """The desired set was refused inside an EXEC that removed the command from processing."""
+        self.stats.redis_errors += 1
+        self.stats.store_errors += 1
+        log.error(
+            "command_not_stored",
+            id=outcome.id,
+            key=failure.key,
+            error=_describe(failure.error),
+            intended=len(outcome.desired),
+            consequence=f"command rejected and dead-lettered; {failure.key} may be partial",
+        )
+        reason = f"not applied: writing {failure.key} failed ({failure.error})"
+        return self._unknown_set(raw, reason, outcome.id)
+
+    def _write_failed(self, failure: WriteFailure, log: Any) -> None:
+        self.stats.redis_errors += 1
+        self.stats.write_errors += 1
+        log.error(
+            "command_write_failed",
+            write=failure.write,
+            key=failure.key,
+            error=_describe(failure.error),
+            consequence="not retried; the command's effect stands",
+        )
+
+    async def _commit(self, raw: bytes, outcome: Outcome) -> list[WriteFailure]:
+        """The state transaction; returns the commands Redis refused while applying the rest.
+
+        Idempotent: a replay writes the same set and finds nothing left to remove.
+        """
         async with self._redis.pipeline(transaction=True) as pipe:
+            writes = _Writes(pipe)
             if outcome.changed:
                 self._store.queue_replace(pipe, outcome.desired)
+                writes.tag(SUBSCRIPTIONS, self._store.key)
+            if outcome.dead is not None:
+                self._queue_dead_letter(pipe, outcome.dead)
+                writes.tag(DEAD_LETTER, self.dead_key)
+            pipe.lrem(self.processing_key, 1, raw)  # type: ignore[arg-type]  # bytes are fine
+            writes.tag(ACKNOWLEDGEMENT, self.processing_key)
+            failures = writes.failures(await pipe.execute(raise_on_error=False))
+        if outcome.changed and not any(f.write == SUBSCRIPTIONS for f in failures):
+            self._store.remember(outcome.desired)
+        return failures
+
+    def _queue_dead_letter(self, pipe: Pipeline, dead: bytes) -> None:
+        pipe.rpush(self.dead_key, dead)
+        pipe.ltrim(self.dead_key, -self._dead_max, -1)
+
+    async def _answer(self, outcome: Outcome, dead: bool) -> list[WriteFailure]:
+        """Result event, reply and (``dead``) a dead letter: independent best-effort writes."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            writes = _Writes(pipe)
             pipe.publish(self.events_channel, outcome.result)
+            writes.tag(EVENT, self.events_channel)
             if outcome.id is not None:
                 reply_key = self._reply_prefix + outcome.id
                 pipe.rpush(reply_key, outcome.result)
                 pipe.expire(reply_key, self._reply_ttl)
-            if outcome.dead is not None:
-                pipe.rpush(self.dead_key, outcome.dead)
-                pipe.ltrim(self.dead_key, -self._dead_max, -1)
-            pipe.lrem(self.processing_key, 1, raw)  # type: ignore[arg-type]  # bytes are fine
-            await pipe.execute()
-        if outcome.changed:
-            self._store.remember(outcome.desired)
+                writes.tag(REPLY, reply_key)
+            if dead and outcome.dead is not None:
+                self._queue_dead_letter(pipe, outcome.dead)
+                writes.tag(DEAD_LETTER, self.dead_key)
+            return writes.failures(await pipe.execute(raise_on_error=False))
+
+    async def _send_result(
+        self, outcome: Outcome, dead: bool, stop: asyncio.Event | None, log: Any
+    ) -> None:
+        """Answer the command; retried only while Redis is unreachable, never on a refusal."""
+        while True:
+            try:
+                failures = await self._answer(outcome, dead)
+                break
+            except _UNAVAILABLE as exc:
+                self.stats.redis_errors += 1
+                if _stopping(stop):
+                    log.warning("command_result_unsent", id=outcome.id, error=_describe(exc))
+                    return
+                await _pause(self._outage.failed(exc), stop)
+            except RedisError as exc:
+                self._write_failed(WriteFailure(ANSWER, self.events_channel, exc), log)
+                return
+        self._outage.recovered()
+        for failure in failures:
+            self._write_failed(failure, log)
 
     async def _apply_to_feed(self, desired: dict[int, Mode], log: Any) -> None:
         if self._reconcile is None:

@@ -12,13 +12,15 @@ from typing import Any
 import fakeredis
 import orjson
 import pytest
-from helpers import wait_until
+from helpers import MakeRedis, wait_until
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import OutOfMemoryError
 from structlog.testing import capture_logs
 
-from bridge.control import ControlConsumer
+from bridge.control import ControlConsumer, WriteFailure
 from bridge.kite.records import Mode
+from bridge.redis_client import create_redis
 from bridge.subscriptions import SubscriptionStore
 
 NS = "c"
@@ -74,8 +76,8 @@ def consumer(redis: Redis, feed: FeedSpy) -> ControlConsumer:
     )
 
 
-async def stored(redis: Redis) -> dict[str, str]:
-    raw = await redis.hgetall(SUBS)
+async def stored(redis: Redis, key: str = SUBS) -> dict[str, str]:
+    raw = await redis.hgetall(key)
     return {_text(k): _text(v) for k, v in raw.items()}
 
 
@@ -298,20 +300,19 @@ async def test_redis_failure_at_commit_applies_nothing_and_retries_to_the_same_e
     real_commit = consumer._commit
     attempts = 0
 
-    async def flaky_commit(raw: bytes, outcome: Any) -> None:
+    async def flaky_commit(raw: bytes, outcome: Any) -> list[WriteFailure]:
         nonlocal attempts
         attempts += 1
         if attempts <= 2:
             server.connected = False  # the EXEC never reaches Redis
             try:
-                await real_commit(raw, outcome)
+                return await real_commit(raw, outcome)
             finally:
                 server.connected = True
-        else:
-            # Nothing of the failed attempts was applied.
-            assert await stored(redis) == {"1": "ltp"}
-            assert await redis.llen(PROCESSING) == 1
-            await real_commit(raw, outcome)
+        # Nothing of the failed attempts was applied.
+        assert await stored(redis) == {"1": "ltp"}
+        assert await redis.llen(PROCESSING) == 1
+        return await real_commit(raw, outcome)
 
     monkeypatch.setattr(consumer, "_commit", flaky_commit)
     with capture_logs() as logs:
@@ -335,13 +336,12 @@ async def test_a_replayed_commit_has_the_same_effect(
     await redis.hset(SUBS, mapping={"1": "ltp", "2": "full"})
     raw = await take(redis)
     outcome = consumer.decide(raw, {1: "ltp", 2: "full"})
-    await consumer._commit(raw, outcome)
-    await consumer._commit(raw, outcome)
+    assert await consumer._commit(raw, outcome) == []
+    assert await consumer._commit(raw, outcome) == []
     assert await stored(redis) == {"2": "full"}
     assert await redis.llen(PROCESSING) == 0
-    replies = await redis.lrange(f"{NS}:reply:d", 0, -1)
-    assert len(replies) == 2
-    assert replies[0] == replies[1]
+    # The answer is a separate step after the state transaction.
+    assert await redis.llen(f"{NS}:reply:d") == 0
 
 
 async def test_outage_while_taking_is_retried_and_stop_is_prompt(
@@ -421,3 +421,273 @@ async def test_blocking_take_on_a_real_server(redis_url: str, namespace: str) ->
             f"{namespace}:subscriptions", f"{namespace}:reply:b", f"{namespace}:control:processing"
         )
         await client.aclose()
+
+
+# -- Refusals inside a transaction, on a real server ------------------------------------------
+#
+# Redis applies every other command of an EXEC when one of them fails, so a transaction that
+# ran must never be re-run, and no single refused write may stop the queue.
+
+
+class Live:
+    """A consumer on a real Redis, with its keys, a feed spy and a listener on its events."""
+
+    def __init__(self, client: Redis, namespace: str, **options: Any) -> None:
+        self.client = client
+        self.ns = namespace
+        self.feed = FeedSpy()
+        self.store = SubscriptionStore(client, namespace)
+        self.consumer = ControlConsumer(
+            client,
+            namespace,
+            self.store,
+            default_mode="quote",
+            reconcile=self.feed.reconcile,
+            base_wait=0.01,
+            max_wait=0.1,
+            **options,
+        )
+        self.pubsub = client.pubsub()
+
+    def key(self, suffix: str) -> str:
+        return f"{self.ns}:{suffix}"
+
+    async def listen(self) -> None:
+        await self.pubsub.subscribe(self.key("events"))
+        await self.pubsub.get_message(timeout=1)
+
+    async def events(self) -> list[dict[str, Any]]:
+        """Every event published so far."""
+        found = []
+        while (msg := await self.pubsub.get_message(True, timeout=0.2)) is not None:
+            found.append(orjson.loads(msg["data"]))
+        return found
+
+    async def take(self) -> bytes:
+        """Take one command into processing as the consumer's BLMOVE does."""
+        raw = await self.client.lmove(
+            self.key("control"), self.key("control:processing"), "LEFT", "RIGHT"
+        )
+        assert isinstance(raw, bytes)
+        return raw
+
+    async def consume_until(self, done: Any) -> None:
+        """Run the consumer loop until ``done()``; fail if it never gets there."""
+        stop = asyncio.Event()
+        task = asyncio.create_task(self.consumer.run(stop))
+        try:
+            await wait_until(done, within=5)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 3)
+
+    async def reply(self, command_id: str) -> dict[str, Any]:
+        reply = await self.client.blpop([self.key(f"reply:{command_id}")], 2)
+        assert reply is not None
+        result: dict[str, Any] = orjson.loads(reply[1])
+        return result
+
+    async def close(self) -> None:
+        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+        keys = [key async for key in self.client.scan_iter(match=f"{self.ns}:*")]
+        if keys:
+            await self.client.delete(*keys)
+        await self.client.aclose()
+
+
+@pytest.fixture
+async def live(redis_url: str, namespace: str) -> AsyncIterator[Live]:
+    consumer = Live(Redis.from_url(redis_url, socket_timeout=5), namespace)
+    await consumer.listen()
+    yield consumer
+    await consumer.close()
+
+
+@pytest.mark.redis
+async def test_a_foreign_value_at_the_reply_key_neither_repeats_nor_blocks_the_command(
+    live: Live,
+) -> None:
+    """The audit's case: the subscription, the ack and the event happen; only the reply fails."""
+    await live.client.set(live.key("reply:wt"), "hello")
+    await live.client.rpush(
+        live.key("control"), '{"id":"wt","action":"subscribe","tokens":[777]}', "list"
+    )
+    with capture_logs() as logs:
+        await live.consume_until(lambda: live.consumer.stats.applied == 2)
+    events = await live.events()
+    assert [(e["id"], e["command"][:9], e["ok"]) for e in events] == [
+        ("wt", '{"id":"wt', True),  # applied exactly once ...
+        (None, "list", True),  # ... and the command queued behind it was served
+    ]
+    assert events[1]["subscriptions"] == {"777": "quote"}
+    assert await stored(live.client, live.key("subscriptions")) == {"777": "quote"}
+    assert live.feed.calls == [{777: "quote"}]  # the feed was reconciled
+    assert await live.client.llen(live.key("control:processing")) == 0
+    assert await live.client.llen(live.key("control")) == 0
+    # The foreign value is left alone, only given the reply's TTL so that the name frees itself.
+    assert await live.client.get(live.key("reply:wt")) == b"hello"
+    assert 0 < await live.client.ttl(live.key("reply:wt")) <= 300
+    assert live.consumer.stats.write_errors == 1
+    assert live.consumer.stats.rejected == 0
+    failed = [e for e in logs if e["event"] == "command_write_failed"]
+    assert len(failed) == 1
+    assert failed[0]["write"] == "reply"
+    assert failed[0]["key"] == live.key("reply:wt")
+    assert "WRONGTYPE" in failed[0]["error"]
+    assert failed[0]["log_level"] == "error"
+
+
+@pytest.mark.redis
+async def test_a_foreign_value_at_the_dead_letter_key_does_not_stop_the_queue(
+    live: Live,
+) -> None:
+    await live.client.set(live.key("control:dead"), "junk")
+    await live.client.rpush(live.key("control"), '{"id":"bad","action":"dance"}', "subscribe 3")
+    with capture_logs() as logs:
+        await live.consume_until(lambda: live.consumer.stats.applied == 1)
+    rejected = await live.reply("bad")
+    assert rejected["ok"] is False
+    assert [e["ok"] for e in await live.events()] == [False, True]
+    assert await stored(live.client, live.key("subscriptions")) == {"3": "quote"}
+    assert await live.client.llen(live.key("control:processing")) == 0
+    assert live.consumer.stats.rejected == 1
+    failed = [e for e in logs if e["event"] == "command_write_failed"]
+    assert [(e["write"], e["key"]) for e in failed] == [("dead_letter", live.key("control:dead"))]
+
+
+@pytest.mark.redis
+async def test_a_foreign_value_at_the_subscriptions_key_rejects_commands_without_stopping(
+    live: Live,
+) -> None:
+    """The desired set cannot be read: every command is answered, dead-lettered, not lost."""
+    subscriptions = live.key("subscriptions")
+    await live.client.set(subscriptions, "hello")
+    first = '{"id":"s1","action":"subscribe","tokens":[5]}'
+    await live.client.rpush(live.key("control"), first, '{"id":"s2","action":"list"}')
+    with capture_logs() as logs:
+        await live.consume_until(lambda: live.consumer.stats.rejected == 2)
+    for command_id in ("s1", "s2"):
+        result = await live.reply(command_id)
+        assert result["ok"] is False
+        assert subscriptions in result["error"]
+        assert "WRONGTYPE" in result["error"]
+        assert result["subscriptions"] is None  # unknown, not "empty"
+    dead = [
+        orjson.loads(item) for item in await live.client.lrange(live.key("control:dead"), 0, -1)
+    ]
+    assert [d["command"] for d in dead] == [first, '{"id":"s2","action":"list"}']
+    assert await live.client.get(subscriptions) == b"hello"  # left for the operator
+    assert await live.client.llen(live.key("control:processing")) == 0
+    assert live.feed.calls == []  # the feed keeps its subscriptions
+    assert live.consumer.stats.store_errors == 2
+    assert [e["key"] for e in logs if e["event"] == "command_store_unusable"] == [
+        subscriptions,
+        subscriptions,
+    ]
+    # Once the operator has fixed the key, the dead letter can be re-driven.
+    await live.client.delete(subscriptions)
+    await live.client.rpush(live.key("control"), dead[0]["command"])
+    await live.consume_until(lambda: live.consumer.stats.applied == 1)
+    assert (await live.reply("s1"))["subscriptions"] == {"5": "quote"}
+    assert live.feed.calls == [{5: "quote"}]
+
+
+@pytest.mark.redis
+async def test_a_refused_write_of_the_set_inside_exec_rejects_the_command(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state write fails inside an EXEC that removed the command from processing."""
+    real_queue_replace = live.store.queue_replace
+
+    def refused(pipe: Any, desired: Mapping[int, Mode]) -> None:
+        real_queue_replace(pipe, desired)
+        # Refused when EXEC runs it, not when queued (as e.g. an ACL changed in between).
+        pipe.execute_command("HINCRBY", live.store.key, "refused", "not-a-number")
+
+    monkeypatch.setattr(live.store, "queue_replace", refused)
+    await live.client.rpush(
+        live.key("control"), '{"id":"n","action":"subscribe","tokens":[8]}', "list"
+    )
+    with capture_logs() as logs:
+        await live.consume_until(lambda: live.consumer.stats.applied == 1)
+    result = await live.reply("n")
+    assert result["ok"] is False
+    assert result["error"].startswith(f"not applied: writing {live.key('subscriptions')} failed")
+    assert result["subscriptions"] is None
+    dead = await live.client.lrange(live.key("control:dead"), 0, -1)
+    assert [orjson.loads(d)["command"] for d in dead] == [
+        '{"id":"n","action":"subscribe","tokens":[8]}'
+    ]
+    assert [(e["id"], e["ok"]) for e in await live.events()] == [("n", False), (None, True)]
+    assert await live.client.llen(live.key("control:processing")) == 0
+    assert live.feed.calls == []
+    assert live.consumer.stats.store_errors == 1
+    assert live.consumer.stats.rejected == 1
+    assert sum(e["event"] == "command_not_stored" for e in logs) == 1
+
+
+async def fill_until_out_of_memory(client: Redis) -> None:
+    """Grow one key until Redis refuses writes (one huge SET is refused by its query buffer)."""
+    for _ in range(100):
+        try:
+            await client.append("ballast", b"x" * 1_000_000)
+        except OutOfMemoryError:
+            return
+    raise AssertionError("Redis never ran out of memory")
+
+
+@pytest.mark.redis
+async def test_execabort_under_oom_applies_nothing_and_is_retried(
+    private_redis: MakeRedis, namespace: str
+) -> None:
+    """OOM with noeviction refuses HSET while queued: EXECABORT, nothing applied, retried."""
+    server = await private_redis("--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
+    live = Live(Redis.from_url(server.url, socket_timeout=5), namespace)
+    try:
+        await live.client.rpush(live.key("control"), '{"id":"m","action":"subscribe","tokens":[9]}')
+        raw = await live.take()
+        await fill_until_out_of_memory(live.client)
+        with capture_logs() as logs:
+            task = asyncio.create_task(live.consumer.handle(raw))
+            await wait_until(lambda: live.consumer.stats.redis_errors >= 3)
+            assert await live.client.exists(live.key("subscriptions")) == 0  # nothing applied
+            assert await live.client.llen(live.key("control:processing")) == 1
+            await live.client.delete("ballast")
+            outcome = await asyncio.wait_for(task, 3)
+        assert outcome is not None
+        assert outcome.ok
+        assert await stored(live.client, live.key("subscriptions")) == {"9": "quote"}
+        assert await live.client.llen(live.key("control:processing")) == 0
+        assert await live.client.llen(live.key("reply:m")) == 1
+        assert live.feed.calls == [{9: "quote"}]
+        aborted = [e for e in logs if e["event"] == "command_transaction_aborted"]
+        assert aborted
+        assert "OutOfMemoryError" in aborted[0]["error"]
+    finally:
+        await live.close()
+
+
+@pytest.mark.redis
+async def test_a_lost_connection_is_still_retried_until_redis_is_back(
+    private_redis: MakeRedis, namespace: str
+) -> None:
+    server = await private_redis(durable=True)
+    client = create_redis(server.url, retries=1, connect_timeout=0.5, socket_timeout=1)
+    live = Live(client, namespace)
+    try:
+        await client.rpush(live.key("control"), '{"id":"c","action":"subscribe","tokens":[4]}')
+        raw = await live.take()
+        await server.kill()
+        task = asyncio.create_task(live.consumer.handle(raw))
+        await wait_until(lambda: live.consumer.stats.redis_errors >= 2)
+        assert not task.done()
+        await server.start()  # same port, same append-only file
+        outcome = await asyncio.wait_for(task, 5)
+        assert outcome is not None
+        assert outcome.ok
+        assert await stored(client, live.key("subscriptions")) == {"4": "quote"}
+        assert await client.llen(live.key("control:processing")) == 0
+        assert await client.llen(live.key("reply:c")) == 1
+        assert live.feed.calls == [{4: "quote"}]
+    finally:
+        await live.close()
