@@ -43,6 +43,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     SettingsError,
 )
+from redis.connection import parse_url
 
 from bridge.commands import MAX_TOKENS, CommandError, parse_mode, parse_token
 from bridge.kite.records import Mode
@@ -167,6 +168,8 @@ class Settings(BaseSettings):
         if urlsplit(value).scheme.lower() not in schemes:
             expected = ", ".join(f"{scheme}://" for scheme in schemes)
             raise ValueError(f"expected a URL starting with {expected}")
+        if info.field_name == "redis_url":
+            parse_url(value)  # type: ignore[no-untyped-call]  # redis-py's own check (port, db, options), now rather than at run
         return value
 
     @field_validator(

@@ -369,9 +369,9 @@ class BridgeCollector(Collector):
         )
         yield _counter("bridge_handler_errors", "Feed handlers that raised.", s.handler_errors)
         yield _counter(
-            "bridge_backpressure_waits",
-            "Times the websocket reader waited because the dispatch queue was full.",
-            s.backpressure_waits,
+            "bridge_feed_frames_dropped",
+            "Frames dropped unhandled because the dispatch queue was full (the older half).",
+            s.frames_dropped,
         )
         yield _counter("bridge_connections", "Successful websocket handshakes.", s.connections)
         reconnects = CounterMetricFamily(

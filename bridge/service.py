@@ -33,6 +33,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bridge.commands import MAX_TOKENS
 from bridge.config import Settings
 from bridge.control import ControlConsumer
 from bridge.kite.codec import frame_payloads
@@ -83,6 +84,10 @@ class _Stopping(Exception):
 
 class _ListenFailed(Exception):
     """The HTTP endpoint could not bind its port (already logged)."""
+
+
+class _InvalidConfig(Exception):
+    """Settings that are valid alone but not with what Redis holds: exit 2, like bad config."""
 
 
 class Bridge:
@@ -240,10 +245,14 @@ class Bridge:
                 pass
             except _ListenFailed:
                 code = EXIT_CRASH
+            except _InvalidConfig as exc:
+                _log.error("invalid_configuration", error=str(exc))
+                code = EXIT_CONFIG
             else:
                 self.status.set_state("connecting")
                 tasks["feed"] = asyncio.create_task(self.feed.connect(), name="feed")
                 tasks["control"] = asyncio.create_task(self.control.run(self._stop), name="control")
+                tasks["guard"] = asyncio.create_task(self._guard_subscriptions(), name="guard")
                 code = await self._supervise(tasks, status_task)
         except Exception:
             _log.exception("bridge_crashed")
@@ -294,13 +303,29 @@ class Bridge:
         """Everything that needs Redis before the feed may connect, each step retried."""
         await self._with_redis("ping", self.redis.ping)
         await self._with_redis("requeue", self.control.requeue)
-        desired = await self._with_redis(
-            "load_subscriptions", lambda: self.store.merge(self.settings.subscribe)
-        )
-        if self.settings.subscribe:
-            _log.info("subscriptions_merged", added=len(self.settings.subscribe))
+        desired = await self._with_redis("load_subscriptions", self.store.load)
+        extra = self.settings.subscribe
+        if extra:
+            # Only the bridge writes the set and its control loop has not started: no race.
+            total = len(desired.keys() | extra.keys())
+            if total > MAX_TOKENS:
+                raise _InvalidConfig(
+                    f"BRIDGE_SUBSCRIBE: its {len(extra)} tokens and the {len(desired)} stored in"
+                    f" {self.store.key} make {total}, above Kite's limit of {MAX_TOKENS} per"
+                    " connection; unsubscribe some first"
+                )
+            desired = await self._with_redis("merge_subscriptions", lambda: self.store.merge(extra))
+            _log.info("subscriptions_merged", added=len(extra))
         await self.feed.reconcile(desired)
         _log.info("subscriptions_loaded", subscriptions=len(desired))
+
+    async def _guard_subscriptions(self, interval: float = 1.0) -> None:
+        """Put the desired set back within a second of a Redis restart that lost it."""
+        while True:
+            await asyncio.sleep(interval)
+            # An outage is for the status and publish paths to report; try again later.
+            with contextlib.suppress(RedisError, OSError):
+                await self.store.ensure()
 
     async def _with_redis(self, what: str, step: Callable[[], Awaitable[T]]) -> T:
         """Run ``step`` until Redis answers; a stop request interrupts it at any point."""
@@ -471,9 +496,7 @@ class Bridge:
 
     # -- feed handlers (run on the feed's dispatcher: keep them short) -----------------------
 
-    def _on_tick(
-        self, feed: KiteFeed, payloads: list[tuple[int, bytes]]
-    ) -> Awaitable[None] | None:
+    def _on_tick(self, feed: KiteFeed, payloads: list[tuple[int, bytes]]) -> Awaitable[None] | None:
         """One frame's ``(token, JSON)`` pairs; may ask the feed to wait (publisher's policy)."""
         self.publisher.submit_payloads(payloads)
         self.metrics.activity.observe(payloads)

@@ -94,6 +94,19 @@ class SubscriptionStore:
         self._known = desired
         return desired
 
+    async def ensure(self) -> bool:
+        """Write the remembered set back now if a restarted Redis server lost it; True if so.
+
+        :meth:`load` does this on the next command or reconnect anyway; calling this every
+        second closes the window in which a bridge restarted meanwhile would find no set.
+        One ``EXISTS`` when nothing is wrong.
+        """
+        if not self._known or await self._redis.exists(self.key):
+            return False
+        restored = self.restored
+        await self.load()
+        return self.restored > restored
+
     def remember(self, desired: Mapping[int, Mode]) -> None:
         """Record a set the caller has written itself (e.g. through :meth:`queue_replace`)."""
         self._known = dict(desired)

@@ -246,6 +246,24 @@ def test_redis_password_never_appears_in_errors(
     assert "user:***@host" in message
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (f"redis://:{SECRET}@host:notaport/0", "port could not be cast to integer"),
+        ("redis://host:99999/0", "port out of range"),
+        ("redis://host/0?socket_timeout=abc", "invalid value for 'socket_timeout'"),
+    ],
+)
+def test_a_redis_url_redis_py_would_reject_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, creds: None, url: str, problem: str
+) -> None:
+    monkeypatch.setenv("REDIS_URL", url)
+    message = config_error()
+    assert message.startswith("REDIS_URL: ")
+    assert problem in message
+    assert SECRET not in message
+
+
 def test_redis_url_redacted(monkeypatch: pytest.MonkeyPatch, creds: None) -> None:
     monkeypatch.setenv("REDIS_URL", f"redis://default:{SECRET}@redis:6379/0")
     settings = load_settings()

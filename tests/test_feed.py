@@ -31,6 +31,7 @@ from bridge.kite import (
     decode_frame,
     frame_payloads,
 )
+from bridge.kite.feed import _Event, _Inbox
 from bridge.kite.records import FullTick, IndexFullTick, LtpTick, QuoteTick
 from bridge.simulator.server import Simulator
 
@@ -472,7 +473,7 @@ async def test_async_handlers_and_attribute_assignment(sim: Simulator) -> None:
     ],
     ids=["frames", "bytes"],
 )
-async def test_slow_consumer_backpressure_is_bounded_and_not_stale(
+async def test_a_slow_consumer_never_blocks_the_reader_and_is_not_stale(
     sim: Simulator,
     mode: Mode,
     bounds: dict[str, Any],
@@ -493,14 +494,36 @@ async def test_slow_consumer_backpressure_is_bounded_and_not_stale(
     assert feed.lag() == 0.0
     await feed.subscribe_symbols([INFY], mode)
     task = asyncio.create_task(feed.connect(close_timeout=10))
-    await wait_for(lambda: feed.stats.backpressure_waits >= 3 and delivered >= delivered_at_least)
+    await wait_for(lambda: feed.stats.frames_dropped >= 3 and delivered >= delivered_at_least)
     assert feed.pending <= max_pending
-    # The frames behind a slow handler wait about one handler call each: lag() tells.
-    assert 0.01 < max(lags) < 1.0
+    # The reader never waited: it kept reading (and dropping the stalest frames).
+    frames = feed.stats.frames
+    await wait_for(lambda: feed.stats.frames > frames + 5)
+    # Frames wait behind the slow handler (lag() tells), but never long: the stalest are dropped.
+    assert 0.001 < max(lags) < 1.0
     # A full receive buffer must not hide the server's close frame until close_timeout.
     await asyncio.wait_for(feed.close(), 5)
     await task
     assert feed.stats.reconnects == 0
+
+
+def test_a_full_inbox_drops_its_older_half_of_frames_and_keeps_every_event() -> None:
+    inbox = _Inbox(limit=6, max_bytes=10_000)
+    connect, disconnect = _Event("on_connect", ()), _Event("on_disconnect", ("dropped", 1006, ""))
+    inbox.put_nowait(connect)
+    for n in range(4):
+        assert inbox.put_frame(b"f%d" % n, float(n)) == 0
+    inbox.put_nowait(disconnect)  # six items: full
+    assert inbox.put_frame(b"f4", 4.0) == 2  # half of the four frames waiting, oldest first
+    assert list(inbox.items) == [connect, b"f2", b"f3", disconnect, b"f4"]
+    assert list(inbox.stamps) == [2.0, 3.0, 4.0]
+    assert inbox.size == 6
+    # Bytes bound too: drop until at most half of max_bytes remains.
+    big = _Inbox(limit=100, max_bytes=100)
+    for n in range(5):
+        big.put_frame(bytes(30), float(n))  # 150 bytes: over the bound after the 4th
+    assert big.size <= 100
+    assert [len(item) for item in big.items if isinstance(item, bytes)] == [30] * len(big.stamps)
 
 
 # --------------------------------------------------------------------------------------------

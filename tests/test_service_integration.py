@@ -287,6 +287,29 @@ async def test_retries_exhausted_exits_4(start_bridge: StartBridge) -> None:
     assert await bridge.wait(10) == 4
 
 
+async def test_bridge_subscribe_past_kites_limit_with_the_stored_set_exits_2(
+    start_bridge: StartBridge, sim: Simulator, redis: Redis, namespace: str
+) -> None:
+    key = f"{namespace}:subscriptions"
+    stored = {str(token): "ltp" for token in range(1, 2999)}  # 2998 tokens
+    await redis.hset(key, mapping=stored)  # type: ignore[arg-type]
+    bridge = await start_bridge(BRIDGE_SUBSCRIBE="full:1,5000,5001,5002")  # 1 known + 3 new
+    assert await bridge.wait(10) == 2
+    log = bridge.log.read_text()
+    assert '"invalid_configuration"' in log
+    assert "BRIDGE_SUBSCRIBE: its 4 tokens and the 2998 stored" in log
+    assert "make 3001, above Kite's limit of 3000" in log
+    assert await redis.hgetall(key) == {k.encode(): b"ltp" for k in stored}  # untouched
+    assert not sim.handshakes  # never got as far as Kite
+    # Exactly at the limit is fine.
+    await redis.hdel(key, "2")
+    bridge = await start_bridge(BRIDGE_SUBSCRIBE="full:1,5000,5001,5002")
+    await wait_until(lambda: _equals(redis.hlen(key), 3000), within=10)
+    assert (await redis.hget(key, "1")) == b"full"
+    code, _ = await bridge.stop()
+    assert code == 0
+
+
 async def test_sigterm_while_waiting_for_redis_exits_0(start_bridge: StartBridge) -> None:
     bridge = await start_bridge(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     await wait_until(lambda: '"redis_unavailable"' in bridge.log.read_text(), within=20)
@@ -334,6 +357,14 @@ async def test_redis_restart_mid_stream_recovers(
 
         listener = Listener(server.url, namespace)
         await wait_until(lambda: _try(listener.start()), within=5)
+        # The unpersisted Redis lost the stored set; the bridge writes it back by itself, with
+        # no command or reconnect to prompt it, so a bridge restarted now would still find it.
+        subscriptions = f"{namespace}:subscriptions"
+        await wait_until(lambda: _try(client.ping()), within=5)
+        await wait_until(
+            lambda: _equals(client.hgetall(subscriptions), {str(RELIANCE).encode(): b"quote"}),
+            within=5,
+        )
         await wait_until(lambda: bool(listener.ticks(RELIANCE)), within=10)
         # Commands work again. The unpersisted Redis lost the stored set, but the bridge
         # noticed the new server and wrote its set back instead of unsubscribing everything.
@@ -361,6 +392,13 @@ async def test_redis_restart_mid_stream_recovers(
     finally:
         await listener.close()
         await client.aclose()
+
+
+async def _equals(step: Awaitable[object], expected: object) -> bool:
+    try:
+        return await step == expected
+    except (OSError, RedisConnectionError):
+        return False
 
 
 async def _try(step: Awaitable[object]) -> bool:

@@ -14,14 +14,15 @@ Tasks while ``connect()`` runs:
   events (connect, disconnect, reconnect) travel through the same inbox, so a handler sees the
   ticks of a connection before its ``on_disconnect``.
 
-Backpressure, deliberately without dropping: the inbox holds up to ``queue_size`` frames and
+The reader never waits for the handlers. The inbox holds up to ``queue_size`` frames and
 ``queue_bytes`` bytes (a full-mode frame of 3000 instruments is ~560 KB, so a frame count alone
-would not bound memory). When it is full the reader waits, websockets stops reading the socket
-and TCP pushes back on the server. A market-data feed must not lose ticks silently; a consumer
-that cannot keep up shows up as ``stats.backpressure_waits`` and, if the server gives up on us,
-as a counted reconnect. While the reader waits, the silence is ours, so the watchdog does not
-call it stale. :meth:`KiteFeed.lag` tells a handler how far behind it is before that point, so
-one that paces the feed (the bridge's publisher) can choose freshness instead.
+would not bound memory); when a slow consumer lets it fill, the older half of the waiting frames
+is dropped, counted in ``stats.frames_dropped`` and logged. Waiting instead would stop the
+socket being read, and with it the answers to the server's pings: the connection would die
+(kite-protocol §7 pitfall 2) while nothing here could notice. Dropped frames are the stalest
+ones, and a consumer that far behind needs the newest. :meth:`KiteFeed.lag` tells a handler how
+far behind it is long before that, so one that paces the feed (the bridge's publisher) can
+choose freshness in its own way first.
 """
 
 from __future__ import annotations
@@ -173,8 +174,8 @@ class FeedStats:
     #: Packets of unknown length skipped inside otherwise good frames.
     skipped_packets: int = 0
     handler_errors: int = 0
-    #: Times the reader waited because the inbox was full (slow handlers).
-    backpressure_waits: int = 0
+    #: Frames dropped unhandled because the inbox was full (handlers too slow).
+    frames_dropped: int = 0
     #: Successful handshakes.
     connections: int = 0
     #: Reconnect attempts scheduled, in total and by the cause of the failure before them.
@@ -200,10 +201,11 @@ _Item: TypeAlias = bytes | str | _Event
 
 
 class _Inbox:
-    """Reader -> dispatcher hand-off: bounded for frames, never blocking for lifecycle events.
+    """Reader -> dispatcher hand-off: bounded for frames, never blocking the reader.
 
-    A deque and two events rather than ``asyncio.Queue``: the dispatcher takes what is already
+    A deque and an event rather than ``asyncio.Queue``: the dispatcher takes what is already
     there without a coroutine per item, which is most of the hand-off's cost per frame.
+    Lifecycle events are never dropped.
     """
 
     def __init__(self, limit: int, max_bytes: int) -> None:
@@ -214,16 +216,7 @@ class _Inbox:
         self.max_bytes = max_bytes
         #: Bytes of the frames waiting (lifecycle events count as nothing).
         self.size = 0
-        self._low = limit // 2
         self.ready = asyncio.Event()
-        self._space = asyncio.Event()
-        self._space.set()
-        #: ``time.monotonic()`` when the reader last stopped waiting for room.
-        self.unblocked_at = 0.0
-
-    @property
-    def blocked(self) -> bool:
-        return not self._space.is_set()
 
     def qsize(self) -> int:
         return len(self.items)
@@ -232,17 +225,33 @@ class _Inbox:
         self.items.append(item)
         self.ready.set()
 
-    def full(self) -> bool:
-        return len(self.items) >= self.limit or self.size >= self.max_bytes
-
-    async def put_frame(self, item: bytes | str, stamp: float) -> None:
-        """Wait for room (hysteresis: until half empty), then enqueue."""
-        while self.full():
-            self._space.clear()
-            await self._space.wait()
+    def put_frame(self, item: bytes | str, stamp: float) -> int:
+        """Enqueue a frame, first dropping the older half if full; returns how many went."""
+        dropped = 0
+        if len(self.items) >= self.limit or self.size >= self.max_bytes:
+            dropped = self._drop_older_half()
         self.size += len(item)
         self.stamps.append(stamp)
         self.put_nowait(item)
+        return dropped
+
+    def _drop_older_half(self) -> int:
+        """Half at once, not one per new frame: one O(n) pass per many frames."""
+        frames = len(self.stamps)
+        half_bytes = self.max_bytes // 2
+        dropped = 0
+        kept: list[_Item] = []
+        for item in self.items:
+            if not isinstance(item, _Event) and (dropped < frames // 2 or self.size > half_bytes):
+                self.size -= len(item)
+                dropped += 1
+            else:
+                kept.append(item)
+        self.items.clear()  # in place: the reader and the dispatcher hold this deque
+        self.items.extend(kept)
+        for _ in range(dropped):
+            self.stamps.popleft()
+        return dropped
 
     async def wait(self) -> None:
         """Return once there is something to pop."""
@@ -256,13 +265,6 @@ class _Inbox:
         if not isinstance(item, _Event):
             self.size -= len(item)
             self.stamps.popleft()
-        if (
-            not self._space.is_set()
-            and len(items) <= self._low
-            and self.size <= self.max_bytes // 2
-        ):
-            self.unblocked_at = time.monotonic()
-            self._space.set()
         return item
 
 
@@ -442,6 +444,7 @@ class KiteFeed:
         self._stopped = asyncio.Event()
         self._stopped.set()
         self._inbox = _Inbox(queue_size, queue_bytes)
+        self._drop_logged_at = -1e9
         self._dispatcher: asyncio.Task[None] | None = None
         self._runner: asyncio.Task[Any] | None = None
 
@@ -858,19 +861,34 @@ class KiteFeed:
                 items.append(message)
                 ready.set()
             else:
-                stats.backpressure_waits += 1
-                await inbox.put_frame(message, now)
+                dropped = inbox.put_frame(message, now)
+                stats.frames_dropped += dropped
+                if now - self._drop_logged_at >= 60.0:
+                    self._drop_logged_at = now
+                    self._log.warning(
+                        "frames_dropped",
+                        reason="handlers too slow: the inbox was full",
+                        dropped=dropped,
+                        dropped_total=stats.frames_dropped,
+                    )
 
     async def _watch(self, opened: float) -> float:
         """Return the idle time once the server has said nothing for ``liveness_timeout``."""
         timeout = self.liveness_timeout
         stats = self.stats
-        inbox = self._inbox
+        grace = False
         while True:
-            last = max(opened, stats.last_frame_monotonic or 0.0, inbox.unblocked_at)
-            idle = 0.0 if inbox.blocked else time.monotonic() - last
-            if idle >= timeout:
+            idle = time.monotonic() - max(opened, stats.last_frame_monotonic or 0.0)
+            if idle < timeout:
+                grace = False
+            elif grace:
                 return idle
+            else:
+                # Once more after a moment: if the event loop itself was blocked, frames that
+                # came meanwhile wait in the socket buffer, and the reader has not had its turn.
+                grace = True
+                await asyncio.sleep(0.05)
+                continue
             await asyncio.sleep(timeout - idle)
 
     # ----------------------------------------------------------------------------------------
