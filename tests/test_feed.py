@@ -286,6 +286,25 @@ async def test_subscribe_sends_subscribe_then_mode_in_batches(sim: Simulator) ->
     ]
 
 
+async def test_subscribing_a_subscribed_token_sends_mode_alone(sim: Simulator) -> None:
+    """A repeated ``subscribe`` counts against Kite's 3000 limit; a mode change must not."""
+    feed = make_feed(sim.url)
+    async with running(feed):
+        await wait_for(lambda: feed.connected)
+        await feed.subscribe_symbols([1, 2], "quote")
+        await sim.wait_for(lambda: len(sim.received) == 2)
+        await feed.subscribe_symbols([2, 3], "full")
+        await sim.wait_for(lambda: len(sim.received) == 5)
+    assert sent(sim) == [
+        {"a": "subscribe", "v": [1, 2]},
+        {"a": "mode", "v": ["quote", [1, 2]]},
+        {"a": "subscribe", "v": [3]},
+        {"a": "mode", "v": ["full", [3]]},
+        {"a": "mode", "v": ["full", [2]]},
+    ]
+    assert dict(feed.subscriptions) == {1: "quote", 2: "full", 3: "full"}
+
+
 async def test_subscriptions_made_before_connect_are_replayed_by_mode(sim: Simulator) -> None:
     rec = Recorder()
     feed = make_feed(sim.url, rec)
@@ -322,7 +341,7 @@ async def test_reconcile_sends_only_the_difference(sim: Simulator) -> None:
         await feed.reconcile(desired)  # nothing to do: nothing sent
         await feed.subscribe_symbols([INFY], "quote")  # a marker message
         await sim.wait_for(lambda: len(sim.received) > before)
-        assert sim.received[before][1] == {"a": "subscribe", "v": [INFY]}
+        assert sim.received[before][1] == {"a": "mode", "v": ["quote", [INFY]]}
 
 
 async def test_raw_frames_with_parse_data_false(sim: Simulator) -> None:

@@ -522,6 +522,8 @@ class KiteFeed:
     async def subscribe_symbols(self, symbols: Iterable[int], mode: Mode = "quote") -> None:
         """Subscribe ``symbols`` in ``mode`` (``subscribe`` then ``mode`` on the wire).
 
+        Tokens already subscribed get ``mode`` alone: Kite counts a repeated ``subscribe``
+        against its 3000-token limit (kite-protocol §7, pitfall 5).
         Works in any state: the replay set is updated at once and sent on every connect.
         Raises ``TypeError``/``ValueError`` for bad tokens or modes, never for the connection.
         """
@@ -530,10 +532,14 @@ class KiteFeed:
         if not tokens:
             return
         async with self._lock:
+            known = [token for token in tokens if token in self._subs]
+            new = [token for token in tokens if token not in self._subs]
             for token in tokens:
                 self._subs[token] = checked
             self._warn_if_over_limit()
-            await self._send(self._subscribe_messages({checked: tokens}))
+            messages = self._subscribe_messages({checked: new})
+            messages += [mode_message(checked, batch) for batch in _batches(known, self.batch_size)]
+            await self._send(messages)
 
     async def unsubscribe_symbols(self, symbols: Iterable[int]) -> None:
         """Drop ``symbols`` from the replay set and unsubscribe them (unknown ones are fine)."""
