@@ -70,6 +70,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    # argparse checks --log-level/--log-format against their choices, not the env defaults.
+    if args.log_level not in LOG_LEVELS:
+        raise ConfigError(f"BRIDGE_LOG_LEVEL: expected one of {', '.join(LOG_LEVELS)}")
+    if args.log_format not in LOG_FORMATS:
+        raise ConfigError(f"BRIDGE_LOG_FORMAT: expected one of {', '.join(LOG_FORMATS)}")
     configure_logging(args.log_level, args.log_format)
     simulator = importlib.import_module("bridge.simulator.cli")
     return int(simulator.run(args))

@@ -248,6 +248,22 @@ def test_interrupt_before_the_service_handles_signals_is_a_clean_stop(
 # -- simulate and health --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("name", "value"), [("BRIDGE_LOG_LEVEL", "verbose"), ("BRIDGE_LOG_FORMAT", "xml")]
+)
+def test_simulate_rejects_bad_log_settings_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], name: str, value: str
+) -> None:
+    fake_module(
+        monkeypatch, "bridge.simulator.cli", add_arguments=lambda parser: None, run=lambda a: 0
+    )
+    monkeypatch.setenv(name, value)
+    assert main(["simulate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bridge: config error: {name}: expected one of")
+    assert err.count("\n") == 1
+
+
 def test_simulate_needs_no_credentials_and_passes_its_options(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
