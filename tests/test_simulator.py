@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import json
@@ -33,6 +34,7 @@ from bridge.kite.records import (
     Tick,
 )
 from bridge.simulator import HEARTBEAT, Market, Simulator
+from bridge.simulator.cli import add_arguments
 from bridge.simulator.market import (
     DERIVATIVE_SEGMENTS,
     divisor_of,
@@ -205,16 +207,44 @@ async def test_enctoken_must_be_percent_encoded() -> None:
         async with client(sim, base + quote(enctoken, safe="/") + tail) as ws:
             await ws.send(json.dumps({"a": "mode", "v": ["ltp", [INFY]]}))
             assert [t.instrument_token for t in await next_ticks(ws)] == [INFY]
-        # ... a raw "+" decodes to a space and no longer matches.
+        # ... a raw "+" / "=" is a malformed query: 400, as the real server answers.
         with pytest.raises(InvalidStatus) as caught:
             await connect(sim.url + base + enctoken + tail, open_timeout=2)
-        assert caught.value.response.status_code == 403
-        with pytest.raises(InvalidStatus):
+        assert caught.value.response.status_code == 400
+        with pytest.raises(InvalidStatus) as caught:
             await connect(
                 sim.url + "/?api_key=kitefront&user_id=ZZ9999&enctoken=" + quote(enctoken),
                 open_timeout=2,
             )
-        assert [h.status for h in sim.handshakes] == [101, 403, 403]
+        assert caught.value.response.status_code == 403
+        assert [h.status for h in sim.handshakes] == [101, 400, 403]
+
+
+@pytest.mark.parametrize("enctoken", ["ab+c/d==", "ab+c", "abc/d==", "ab%2Bc/d=="])
+async def test_raw_plus_or_equals_in_enctoken_gets_400_without_upgrade(enctoken: str) -> None:
+    # Any enctoken is accepted by default, yet a non-percent-encoded one is still malformed.
+    async with simulator() as sim:
+        with pytest.raises(InvalidStatus) as caught:
+            await connect(
+                sim.url + "/?api_key=kitefront&user_id=AB&enctoken=" + enctoken + "&version=3",
+                open_timeout=2,
+            )
+        assert caught.value.response.status_code == 400
+        assert [h.status for h in sim.handshakes] == [400]
+        assert "percent-encoded" in sim.handshakes[0].reason
+        assert sim.connections == {}
+
+
+@pytest.mark.parametrize(
+    ("user_id", "encoded"),
+    [("AB", "ab%2Bc/d%3D%3D"), ("AB", "ab%2Bc%2Fd%3D%3D"), ("CD", "abc/d")],
+)
+async def test_percent_encoded_enctoken_with_or_without_raw_slash_is_accepted(
+    user_id: str, encoded: str
+) -> None:
+    query = f"/?api_key=kitefront&user_id={user_id}&enctoken={encoded}"
+    async with simulator(enctokens={"AB": "ab+c/d==", "CD": "abc/d"}) as sim, client(sim, query):
+        assert [h.status for h in sim.handshakes] == [101]
 
 
 async def test_reject_next_answers_the_next_handshakes_then_recovers() -> None:
@@ -494,6 +524,28 @@ async def test_stall_sends_nothing_not_even_pongs_until_resumed() -> None:
         assert ticks[0].instrument_token == INFY
 
 
+async def test_stall_silences_text_and_raw_frames_too() -> None:
+    async with simulator(heartbeat_interval=0.02) as sim, client(sim) as ws:
+        assert await recv(ws) == HEARTBEAT
+        sim.stall()
+        async with asyncio.timeout(1):
+            while True:
+                try:
+                    await recv(ws, within=0.15)
+                except TimeoutError:
+                    break
+        await sim.send_order()
+        await sim.send_text('{"type":"message","data":"hello"}')
+        await sim.send_binary(b"\x00\x01\x00\x03abc")
+        # A liveness watchdog must see nothing at all while stalled.
+        with pytest.raises(TimeoutError):
+            await recv(ws, within=0.3)
+        sim.stall(False)
+        assert await recv(ws) == HEARTBEAT  # what was "sent" during the stall is lost
+        await sim.send_order()
+        assert (await next_text(ws))["type"] == "order"
+
+
 async def test_connections_opened_while_stalled_stay_silent() -> None:
     async with simulator(heartbeat_interval=0.02) as sim:
         sim.stall()
@@ -502,6 +554,69 @@ async def test_connections_opened_while_stalled_stay_silent() -> None:
                 await recv(ws, within=0.2)
             sim.stall(False)
             assert await recv(ws) == HEARTBEAT
+
+
+@pytest.mark.parametrize("code", [999, 1005, 1006, 1015, 2999, 5000])
+async def test_close_refuses_codes_that_cannot_be_sent(code: int) -> None:
+    async with simulator() as sim, client(sim):
+        await sim.wait_for(lambda: bool(sim.connections))
+        with pytest.raises(ValueError, match="close code"):
+            await sim.close(code)
+        assert sim.connections
+
+
+async def test_history_lists_are_bounded() -> None:
+    async with simulator(history_limit=3) as sim:
+        sim.reject_next(4)
+        for _ in range(4):
+            with pytest.raises(InvalidStatus):
+                await connect(sim.url + CONNECT_QUERY, open_timeout=2)
+        async with client(sim) as ws:
+            for token in range(5):
+                await ws.send(json.dumps({"a": "subscribe", "v": [token]}))
+            await sim.wait_for(lambda: bool(sim.received) and sim.received[-1][1]["v"] == [4])
+        assert [h.status for h in sim.handshakes] == [403, 403, 101]
+        assert [message["v"] for _, message in sim.received] == [[2], [3], [4]]
+        assert isinstance(sim.handshakes, list)
+        assert isinstance(sim.received, list)
+
+
+async def test_market_forgets_tokens_nobody_subscribes_beyond_the_idle_limit() -> None:
+    tokens = [INFY, RELIANCE, NIFTY, BANKNIFTY, NFO]
+
+    def known() -> set[int]:
+        return {token for token in tokens if token in sim.market}
+
+    async with simulator(idle_token_limit=2) as sim:
+        async with client(sim) as a:
+            async with client(sim) as b:
+                await a.send(json.dumps({"a": "subscribe", "v": tokens}))
+                await b.send(json.dumps({"a": "subscribe", "v": [INFY]}))
+                await ticks_matching(a, lambda ts: len(ts) == 5)
+                await next_ticks(b)
+                nifty = sim.market.instrument(NIFTY)
+                await a.send(json.dumps({"a": "unsubscribe", "v": tokens[:4]}))
+                # INFY is still b's; RELIANCE, NIFTY, BANKNIFTY are idle: the oldest goes.
+                await sim.wait_for(lambda: RELIANCE not in sim.market)
+                assert known() == {INFY, NIFTY, BANKNIFTY, NFO}
+                # Within the limit a token keeps its walk: resubscribing continues it.
+                await a.send(json.dumps({"a": "mode", "v": ["ltp", [NIFTY]]}))
+                await ticks_matching(a, lambda ts: NIFTY in {t.instrument_token for t in ts})
+                assert sim.market.instrument(NIFTY) is nifty
+            await sim.wait_for(lambda: len(sim.connections) == 1)
+            assert known() == {INFY, NIFTY, BANKNIFTY, NFO}  # INFY, BANKNIFTY idle: 2
+        await sim.wait_for(lambda: not sim.connections)
+        assert known() == {NIFTY, NFO}
+        assert {token for token, _ in sim._entries} <= known()
+        assert set(sim._stepped_at) <= known()
+
+
+@pytest.mark.parametrize(
+    "options", [{"max_tokens": 0}, {"history_limit": 0}, {"idle_token_limit": -1}]
+)
+def test_simulator_refuses_impossible_limits(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        Simulator(**options)
 
 
 async def test_state_is_forgotten_on_reconnect() -> None:
@@ -620,9 +735,9 @@ def check_invariants(market: Market, token: int) -> None:
     assert all(0 < level.orders <= level.quantity for level in bids + asks)
     assert 0 < full.volume_traded < 2**31
     assert full.last_traded_quantity > 0
-    # VWAP of trades between the day's extremes, plus the seeded opening volume (priced
-    # between open and the previous close); floor division may shave one raw unit.
-    assert min(inst.low, inst.close) - 1 <= inst.average_price <= max(inst.high, inst.close)
+    # VWAP of trades at prices within the day's range (the seeded volume traded at the open).
+    assert inst.low <= inst.average_price <= inst.high
+    assert full.ohlc.low <= full.average_traded_price <= full.ohlc.high
     if segment_of(token) in DERIVATIVE_SEGMENTS:
         assert full.oi_day_low <= full.oi <= full.oi_day_high
         assert full.oi > 0
@@ -634,8 +749,9 @@ def test_market_invariants_hold_over_many_steps() -> None:
     market = Market(seed=1)
     now = 1_718_176_569.0
     volumes: dict[int, int] = {}
+    tokens = MARKET_TOKENS + [5_000_001 + 256 * i for i in range(30)]
     for step in range(400):
-        for token in MARKET_TOKENS:
+        for token in tokens:
             market.step(token, now + step)
             check_invariants(market, token)
             inst = market.instrument(token)
@@ -681,6 +797,22 @@ def test_market_ticks_round_trip_through_the_codec() -> None:
             assert len(packet) == LENGTHS[(is_index(token), mode)]
             frame = len(packet).to_bytes(2, "big")
             assert decode_frame(b"\x00\x01" + frame + packet) == [tick]
+
+
+def test_market_forget_drops_a_token_and_replays_it_from_the_open() -> None:
+    market = Market(seed=4)
+    fresh = market.instrument(INFY, 1_700_000_000)
+    opening = (fresh.ltp, fresh.volume, fresh.bids)
+    for step in range(10):
+        market.step(INFY, 1_700_000_000 + step)
+    market.step(NIFTY, 1_700_000_000)
+    assert len(market) == 2
+    market.forget(INFY)
+    market.forget(999)  # unknown tokens are ignored
+    assert INFY not in market
+    assert len(market) == 1
+    again = market.instrument(INFY, 1_700_000_000)
+    assert (again.ltp, again.volume, again.bids) == opening
 
 
 def test_market_is_reproducible_per_token_whatever_else_is_traded() -> None:
@@ -762,3 +894,52 @@ def test_cli_rejects_enctoken_without_echoing_it() -> None:
     assert proc.returncode == 2
     assert b"USER_ID:ENCTOKEN" in output
     assert b"no-colon-secret" not in output
+
+
+def parse_cli(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_close_options_and_their_defaults() -> None:
+    args = parse_cli()
+    assert (args.close_every, args.close_code) == (None, 1000)
+    args = parse_cli("--close-every", "2.5", "--close-code", "4000")
+    assert (args.close_every, args.close_code) == (2.5, 4000)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert "--close-every" in parser.format_help()
+    assert "--close-code" in parser.format_help()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-tokens", "0"], "--max-tokens: must be at least 1"),
+        (["--max-tokens", "-3"], "--max-tokens: must be at least 1"),
+        (["--max-tokens", "many"], "--max-tokens: not an integer"),
+        (["--close-code", "1006"], "--close-code: cannot be sent"),
+        (["--close-code", "5000"], "--close-code: cannot be sent"),
+        (["--close-code", "x"], "--close-code: not an integer"),
+    ],
+)
+def test_cli_refuses_bad_limits_and_close_codes(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        parse_cli(*argv)
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+async def test_cli_close_every_closes_connections_with_the_code() -> None:
+    port = free_port()
+    with cli_process("--port", str(port), "--close-every", "0.3", "--close-code", "1011") as proc:
+        ws = await connect_when_up(f"ws://127.0.0.1:{port}/?api_key=k&access_token=t")
+        await closed_by_server(ws)
+        assert ws.close_code == 1011
+        proc.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.to_thread(proc.communicate, timeout=10)
+    assert proc.returncode == 0
+    assert b"fault: closed connections" in output

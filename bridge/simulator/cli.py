@@ -16,7 +16,7 @@ from typing import IO, Any
 
 import structlog
 
-from bridge.simulator.server import FrameHook, Simulator
+from bridge.simulator.server import FrameHook, Simulator, check_close_code
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -31,6 +31,30 @@ def _positive(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _at_least_one(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _close_code(text: str) -> int:
+    code = _integer(text)
+    try:
+        return check_close_code(code)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"cannot be sent in a close frame: {code} (use 1000-1003, 1007-1014 or 3000-4999)"
+        ) from None
 
 
 def _enctoken(text: str) -> tuple[str, str]:
@@ -91,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     feed.add_argument("--seed", type=int, help="random seed for reproducible prices")
     feed.add_argument(
         "--max-tokens",
-        type=int,
+        type=_at_least_one,
         default=3000,
         help="instruments per connection, duplicates counted (default: %(default)s)",
     )
@@ -138,6 +162,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_positive,
         metavar="SECONDS",
         help="end the stall after this long (default: stall until stopped)",
+    )
+    faults.add_argument(
+        "--close-every",
+        type=_positive,
+        metavar="SECONDS",
+        help="close all connections with a close frame carrying --close-code periodically",
+    )
+    faults.add_argument(
+        "--close-code",
+        type=_close_code,
+        default=1000,
+        metavar="CODE",
+        help="WebSocket close code for --close-every, e.g. 1011 (default: %(default)s)",
     )
     faults.add_argument(
         "--reject-first",
@@ -244,6 +281,9 @@ def _faults(simulator: Simulator, args: argparse.Namespace) -> list[Coroutine[An
         faults.append(_every(args.drop_every, simulator.drop))
     if args.order_every:
         faults.append(_every(args.order_every, simulator.send_order))
+    if args.close_every:
+        code: int = args.close_code
+        faults.append(_every(args.close_every, lambda: simulator.close(code)))
     if args.stall_after:
         faults.append(_stall(simulator, args.stall_after, args.stall_for))
     return faults

@@ -141,7 +141,10 @@ class Instrument:
 
     @property
     def average_price(self) -> int:
-        """Volume-weighted average price, raw (not a tick multiple, as on the real feed)."""
+        """Volume-weighted average price, raw (not a tick multiple, as on the real feed).
+
+        Every traded price lies within the day's low..high, and so does this average.
+        """
         return self.turnover // self.volume if self.volume else 0
 
 
@@ -155,6 +158,14 @@ class Market:
 
     def __contains__(self, token: int) -> bool:
         return token in self._instruments
+
+    def __len__(self) -> int:
+        return len(self._instruments)
+
+    def forget(self, token: int) -> None:
+        """Drop the token's state; its next use starts its walk over from the day's open."""
+        self._instruments.pop(token, None)
+        self._rngs.pop(token, None)
 
     def instrument(self, token: int, now: float | None = None) -> Instrument:
         """The instrument's state, created (at the day's open) on first use."""
@@ -259,7 +270,9 @@ class Market:
             ltp=opened,
             ltq=0 if is_index(token) else lot,
             volume=volume,
-            turnover=volume * (opened + close) // 2,
+            # The volume traded before we joined, at the open (the day's whole range so far),
+            # so the average price stays within low..high as the walk widens them.
+            turnover=volume * opened,
             total_buy=lot * _draw(rng, 100, 10_000) if volume else 0,
             total_sell=lot * _draw(rng, 100, 10_000) if volume else 0,
             oi=oi,

@@ -5,6 +5,10 @@ HTTP 403 and no websocket at all, exactly what clients must be able to tell apar
 Each connection runs two tasks: the websockets handler reads client JSON, and a sender task emits
 tick frames, heartbeats and nothing else. Fault injection acts on the transports directly
 (``abort`` for drops, ``pause_reading`` for stalls) so clients see what a broken network shows.
+
+Memory stays bounded in long runs: the ``handshakes`` and ``received`` records keep only the
+newest ``history_limit`` entries, and the market forgets the oldest instruments that no connection
+subscribes any more once there are more than ``idle_token_limit`` of them.
 """
 
 from __future__ import annotations
@@ -17,16 +21,17 @@ import random
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Final, get_args
-from urllib.parse import parse_qs, urlsplit
+from typing import Any, Final, TypeVar, get_args
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 import structlog
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import EXTERNAL_CLOSE_CODES
 from websockets.http11 import Request, Response
 
 from bridge.kite.codec import FULL_LENGTH, QUOTE_LENGTH, encode_packet
@@ -39,6 +44,7 @@ __all__ = [
     "FrameHook",
     "HandshakeRecord",
     "Simulator",
+    "check_close_code",
     "sample_order",
 ]
 
@@ -60,6 +66,11 @@ _U32: Final = struct.Struct(">I")
 _VOLUME_OFFSET: Final = 2 + 16
 _SEQUENCE_MODULUS: Final = 2**31
 _MAX_ERROR_ECHO: Final = 80
+#: Characters that must reach the server percent-encoded in an enctoken (kite-protocol §1.2): a
+#: raw ``+`` would decode to a space and a raw ``=`` is ambiguous; ``/`` is sent raw by aiohttp.
+_RAW_ENCTOKEN_CHARS: Final = frozenset("+=")
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -131,7 +142,15 @@ class Simulator:
         frames_per_second: float | None = None,
         on_frame_sent: FrameHook | None = None,
         compression: bool = False,
+        history_limit: int = 1000,
+        idle_token_limit: int = 10_000,
     ) -> None:
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if history_limit < 1:
+            raise ValueError("history_limit must be at least 1")
+        if idle_token_limit < 0:
+            raise ValueError("idle_token_limit must be at least 0")
         if not 1 <= packets_per_frame <= 0xFFFF:
             raise ValueError("packets_per_frame must be between 1 and 65535")
         if tick_interval <= 0 or heartbeat_interval <= 0:
@@ -151,8 +170,11 @@ class Simulator:
         self.frames_per_second = frames_per_second
         self.on_frame_sent = on_frame_sent
         self.compression = compression
+        self.history_limit = history_limit
+        self.idle_token_limit = idle_token_limit
         self.market = Market(seed)
 
+        #: The newest ``history_limit`` client messages and upgrade attempts, oldest first.
         self.received: list[tuple[int, dict[str, Any]]] = []
         self.handshakes: list[HandshakeRecord] = []
         self.connections: dict[int, ConnectionState] = {}
@@ -167,6 +189,9 @@ class Simulator:
         # token -> monotonic time of its last walk step; (token, mode) -> (version, entry)
         self._stepped_at: dict[int, float] = {}
         self._entries: dict[tuple[int, Mode], tuple[int, bytes]] = {}
+        # token -> connections subscribing it; market tokens nobody subscribes, oldest first
+        self._watchers: Counter[int] = Counter()
+        self._idle: dict[int, None] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -278,7 +303,10 @@ class Simulator:
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close every connection with a close frame carrying ``code`` and ``reason``."""
+        check_close_code(code)
         states = list(self.connections.values())
+        if states:
+            log.info("fault: closed connections", count=len(states), code=code)
         await asyncio.gather(
             *(state.websocket.close(code, reason) for state in states), return_exceptions=True
         )
@@ -306,6 +334,9 @@ class Simulator:
             state.wake.set()
 
     async def _broadcast(self, message: str | bytes) -> None:
+        if self._stalled:  # a stall is total silence: the frame is lost, not queued
+            log.debug("stalled: broadcast dropped")
+            return
         states = list(self.connections.values())
         await asyncio.gather(
             *(state.websocket.send(message) for state in states), return_exceptions=True
@@ -318,30 +349,29 @@ class Simulator:
         params = {
             name: values[0] for name, values in parse_qs(url.query, keep_blank_values=True).items()
         }
-        status, reason = self._authorise(url.path, params)
+        status, reason = self._authorise(url.path, params, url.query)
         connection_id = None
         if status == http.HTTPStatus.SWITCHING_PROTOCOLS:
             self._next_id += 1
             connection_id = self._next_id
             self._pending[connection] = (connection_id, params)
-        self.handshakes.append(
-            HandshakeRecord(
-                status=status,
-                path=url.path,
-                params=params,
-                headers=dict(request.headers.raw_items()),
-                connection_id=connection_id,
-                reason=reason,
-                at=time.time(),
-            )
+        record = HandshakeRecord(
+            status=status,
+            path=url.path,
+            params=params,
+            headers=dict(request.headers.raw_items()),
+            connection_id=connection_id,
+            reason=reason,
+            at=time.time(),
         )
+        _append_bounded(self.handshakes, record, self.history_limit)
         if connection_id is not None:
             return None
         log.info("handshake rejected", status=status, reason=reason)
         return connection.respond(status, f"{reason}\n")
 
-    def _authorise(self, path: str, params: dict[str, str]) -> tuple[int, str]:
-        """(status, reason) for one upgrade request; 101 means accept."""
+    def _authorise(self, path: str, params: dict[str, str], query: str) -> tuple[int, str]:
+        """(status, reason) for one upgrade request (``query`` still encoded); 101 = accept."""
         if self._rejections:
             status = self._rejections.pop(0)
             return status, f"{_http_status(status).phrase} (injected)"
@@ -353,6 +383,9 @@ class Simulator:
             user_id, enctoken = params.get("user_id", ""), params.get("enctoken", "")
             if not user_id or not enctoken:
                 return 400, "Bad Request: Kite Web needs user_id and enctoken"
+            # Checked on the raw query: parse_qs has already turned a raw "+" into a space.
+            if not _RAW_ENCTOKEN_CHARS.isdisjoint(_raw_param(query, "enctoken") or ""):
+                return 400, "Bad Request: the enctoken must be percent-encoded"
             if enctoken in self._expired:
                 return forbidden
             if self.enctokens is not None and self.enctokens.get(user_id) != enctoken:
@@ -389,6 +422,7 @@ class Simulator:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender
             del self.connections[connection_id]
+            self._unwatch(state.subscriptions)
             log.info(
                 "connection closed",
                 connection=connection_id,
@@ -405,10 +439,12 @@ class Simulator:
             except ValueError:
                 raise _BadMessage(f"invalid JSON: {message[:_MAX_ERROR_ECHO]!r}") from None
             if isinstance(request, dict):
-                self.received.append((state.id, request))
+                _append_bounded(self.received, (state.id, request), self.history_limit)
             errors = self._apply(state, request)
         except _BadMessage as exc:
             errors = [str(exc)]
+        if self._stalled:  # a message read just before the stall began gets no answer
+            return
         for error in errors:
             await state.websocket.send(_dumps({"type": "error", "data": error}))
 
@@ -421,9 +457,12 @@ class Simulator:
             tokens = _tokens(value)
             refused = [token for token in tokens if not self._subscribe(state, token, "quote")]
         elif action == "unsubscribe":
+            dropped = []
             for token in _tokens(value):
-                state.subscriptions.pop(token, None)
+                if state.subscriptions.pop(token, None) is not None:
+                    dropped.append(token)
                 state.counts.pop(token, None)
+            self._unwatch(dropped)
             refused = []
         elif action == "mode":
             if not isinstance(value, list) or len(value) != 2 or value[0] not in _MODES:
@@ -452,8 +491,28 @@ class Simulator:
         if state.subscribed_count >= self.max_tokens:
             return False
         state.counts[token] += 1
+        if token not in state.subscriptions:
+            self._watchers[token] += 1
+            self._idle.pop(token, None)
         state.subscriptions[token] = mode
         return True
+
+    def _unwatch(self, tokens: Iterable[int]) -> None:
+        """These tokens lost a subscriber; forget the oldest idle ones beyond the limit."""
+        for token in tokens:
+            self._watchers[token] -= 1
+            if self._watchers[token] > 0:
+                continue
+            del self._watchers[token]
+            if token in self.market:
+                self._idle[token] = None
+        while len(self._idle) > self.idle_token_limit:
+            token = next(iter(self._idle))
+            del self._idle[token]
+            self.market.forget(token)
+            self._stepped_at.pop(token, None)
+            for mode in _MODES:
+                self._entries.pop((token, mode), None)
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -503,6 +562,8 @@ class Simulator:
         items = list(state.subscriptions.items())
         size = self.packets_per_frame
         for start in range(0, len(items), size):
+            if state.flush:  # subscriptions changed (or a stall began): the loop starts over
+                return
             chunk = items[start : start + size]
             await self._send_frame(state, self._next_frame_no(), self._frame(chunk), chunk)
 
@@ -581,6 +642,30 @@ def _tokens(value: object) -> list[int]:
         if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token <= _UINT32_MAX:
             raise _BadMessage(f"invalid instrument token {str(token)[:_MAX_ERROR_ECHO]!r}")
     return value
+
+
+def check_close_code(code: int) -> int:
+    """``code`` if a server may send it in a close frame, else ``ValueError``."""
+    if code in EXTERNAL_CLOSE_CODES or 3000 <= code < 5000:
+        return code
+    raise ValueError(
+        f"close code {code} cannot be sent in a close frame (use 1000-1003, 1007-1014 or 3000-4999)"
+    )
+
+
+def _raw_param(query: str, name: str) -> str | None:
+    """The first value of ``name`` in ``query`` as sent, before any percent-decoding."""
+    for piece in query.split("&"):
+        key, _, value = piece.partition("=")
+        if unquote_plus(key) == name:
+            return value
+    return None
+
+
+def _append_bounded(items: list[_T], item: _T, limit: int) -> None:
+    items.append(item)
+    if len(items) > limit:
+        del items[: len(items) - limit]
 
 
 def _http_status(status: int) -> http.HTTPStatus:
