@@ -555,10 +555,6 @@ class BridgeMetrics:
             PlatformCollector(registry=self.registry)
             GCCollector(registry=self.registry)
 
-    def timed(self, transport: Transport) -> TimedTransport:
-        """``transport`` with its round trips recorded in ``bridge_publish_latency_seconds``."""
-        return TimedTransport(transport, self.latency)
-
     async def sample(self) -> None:
         """The periodic sampler (loop lag, Redis write progress); runs until cancelled."""
         self.redis_writes.sample()

@@ -164,7 +164,6 @@ class Bridge:
         self._sampler: asyncio.Task[None] | None = None
         #: ``feed.stats.connections`` as of the latest successful resync with Redis.
         self._resynced_connection = -1
-        self.exit_code: int | None = None
         self._shutdown_timeout = shutdown_timeout
         self._redis_waits = (redis_base_wait, redis_max_wait)
         self._install_signals = install_signals
@@ -258,7 +257,6 @@ class Bridge:
             _log.exception("bridge_crashed")
             code = EXIT_CRASH
         finally:
-            self.exit_code = code
             try:
                 async with asyncio.timeout(self._shutdown_timeout):
                     await self._shutdown(code, tasks, status_task)
