@@ -42,9 +42,9 @@ _log = structlog.get_logger(__name__)
 
 #: All interfaces: the bridge runs in containers, where the probe comes from outside.
 DEFAULT_HOST: Final = "0.0.0.0"
-#: The status hash is written every second, so 5 s without a successful write is an outage,
+#: The status hash is written every 0.5 s, so 3 s without a successful write is an outage,
 #: not a slow write.
-DEFAULT_MAX_REDIS_AGE: Final = 5.0
+DEFAULT_MAX_REDIS_AGE: Final = 3.0
 _JSON: Final = "application/json"
 _TEXT: Final = "text/plain; charset=utf-8"
 

@@ -1,6 +1,6 @@
 """The ``<ns>:status`` hash: what the bridge is doing, readable with one ``HGETALL``.
 
-Refreshed every second and at once on a state change, so ``updated_at`` doubles as a heartbeat
+Refreshed every 0.5 s and at once on a state change, so ``updated_at`` doubles as a heartbeat
 for ``bridge health`` and for operators. Times are ISO-8601 in UTC with an explicit offset.
 """
 
