@@ -7,8 +7,10 @@
 # Starts dockerd (installing docker.io + docker-compose if needed) when no engine answers, builds
 # local stand-ins for the base images when Docker Hub is out of reach (tests/e2e/standin-images.sh,
 # reused by tag), builds the image, runs the demo stack, then checks: ticks on a tick channel, a
-# control command taking effect, the demo/live credential rules, and a clean stop. The stack is
-# removed on exit (`down -v`); on failure the logs are printed first.
+# control command taking effect, the demo/live credential rules, a clean stop, and that a bridge
+# whose token Kite refuses (exit 3) is parked, not restart-looped. The stack is removed on exit
+# (`down -v`); on failure the logs are printed first. A watchdog fails the run, printing what was
+# running and the logs, if it takes longer than E2E_WATCHDOG seconds (default 900).
 #
 # Environment: E2E_PROJECT (compose project, default bridge-e2e), E2E_USE_HUB=1 to use the public
 # base images instead of stand-ins, KEEP_DOCKERD=1 to leave a dockerd this script started running,
@@ -22,6 +24,9 @@ PROJECT="${E2E_PROJECT:-bridge-e2e}"
 IMAGE="kite-redis-bridge:e2e"
 NS="kite"
 GRACE=10         # stop_grace_period of the bridge in docker-compose.yml
+STOP_LIMIT=5     # CONTRACT §6: a stopped bridge exits within 5 s of SIGTERM
+PARK_WATCH=10    # seconds a parked bridge is watched for restarts
+WATCHDOG="${E2E_WATCHDOG:-900}"
 STARTED_AT=$(date +%s)
 WORK="$(mktemp -d /tmp/bridge-e2e.XXXXXX)"
 ENV_FILE="$WORK/e2e.env"
@@ -29,8 +34,13 @@ STARTED_DOCKERD=""
 STACK_UP=0
 PASSED=0
 SECRET="e2e-SECRET-$RANDOM$RANDOM" # a fake token, which must never be printed or logged
+LAST_STEP="start"
+WATCHDOG_PID=""
 
-log() { printf '[e2e %4ds] %s\n' $(($(date +%s) - STARTED_AT)) "$*" >&2; }
+log() {
+    LAST_STEP="$*"
+    printf '[e2e %4ds] %s\n' $(($(date +%s) - STARTED_AT)) "$*" >&2
+}
 fail() {
     log "FAIL: $*"
     exit 1
@@ -50,6 +60,7 @@ ensure_engine() {
     log "starting dockerd (vfs storage; log: $WORK/dockerd.log)"
     dockerd --storage-driver=vfs >"$WORK/dockerd.log" 2>&1 &
     STARTED_DOCKERD=$!
+    echo "$STARTED_DOCKERD" >"$WORK/dockerd.pid"
     for _ in $(seq 60); do
         docker info >/dev/null 2>&1 && return
         kill -0 "$STARTED_DOCKERD" 2>/dev/null || break
@@ -97,6 +108,17 @@ container_id() {
 on_exit() {
     local rc=$?
     set +e
+    trap - TERM
+    if [[ -n $WATCHDOG_PID ]]; then
+        kill "$WATCHDOG_PID" 2>/dev/null && wait "$WATCHDOG_PID" 2>/dev/null
+    fi
+    if [[ -s $WORK/watchdog.fired ]]; then
+        [[ $rc != 0 ]] || rc=1
+        log "WATCHDOG: still running after ${WATCHDOG}s; last step: $LAST_STEP"
+        log "---- what was running then ----"
+        cat "$WORK/watchdog.fired" >&2
+        [[ $STACK_UP == 1 || ! -s $WORK/build.log ]] || tail -n 30 "$WORK/build.log" >&2
+    fi
     if [[ $STACK_UP == 1 ]]; then
         if [[ $PASSED != 1 ]]; then
             log "---- compose ps ----"
@@ -127,6 +149,34 @@ on_exit() {
     exit "$rc"
 }
 trap on_exit EXIT
+# Bash runs a trap only once the foreground command has ended, and so does any script it runs: the
+# watchdog ends every process below this script (except itself and a dockerd started here), then
+# the script, whose EXIT trap prints the logs and cleans up as on any failure.
+trap 'exit 143' TERM
+descendants() {
+    local child
+    for child in $(pgrep -P "$1"); do
+        [[ $child == "$2" || $child == "$3" ]] && continue
+        echo "$child"
+        descendants "$child" "$2" "$3"
+    done
+}
+start_watchdog() {
+    (
+        trap 'kill "$pause" 2>/dev/null; exit 0' TERM
+        sleep "$WATCHDOG" &
+        pause=$!
+        wait "$pause"
+        trap - TERM
+        me=$BASHPID # read here: inside $(...) it would be that subshell's
+        tree="$(descendants $$ "$me" "$(cat "$WORK/dockerd.pid" 2>/dev/null)" | paste -sd,)"
+        ps -o pid,ppid,etimes,args -p "$$${tree:+,$tree}" >"$WORK/watchdog.fired" 2>&1 ||
+            echo "pids $$ $tree" >"$WORK/watchdog.fired"
+        kill -TERM $$ ${tree//,/ } 2>/dev/null
+    ) &
+    WATCHDOG_PID=$!
+}
+start_watchdog
 
 # --- checks --------------------------------------------------------------------------------
 
@@ -162,6 +212,21 @@ wait_for() {
         (($(date +%s) < deadline)) || fail "timed out after ${seconds}s waiting for $what"
         sleep 0.5
     done
+}
+
+# bridge_redis_url ENV_FILE COMPOSE...: the REDIS_URL that `COMPOSE config` gives the bridge (the
+# only service with one), in v1 and v2 alike (`KEY: value` under environment:).
+bridge_redis_url() {
+    local env_file="$1"
+    shift
+    "$@" --project-name "$PROJECT" --project-directory "$ROOT" --file "$ROOT/docker-compose.yml" \
+        --env-file "$env_file" config >"$WORK/config.yml" || fail "$* config failed"
+    python3 - "$WORK/config.yml" <<'EOF'
+import re, sys
+
+urls = re.findall(r"^\s+REDIS_URL: *(.*)$", open(sys.argv[1], encoding="utf-8").read(), re.M)
+print(urls[0].strip().strip("'\"") if len(urls) == 1 else f"<{len(urls)} REDIS_URL entries>")
+EOF
 }
 
 subscription_is() { [[ "$(redis_cli HGET "$NS:subscriptions" "$1")" == "$2" ]]; }
@@ -226,6 +291,16 @@ for each in "${ALL_COMPOSE[@]}"; do
     "${tool[@]}" --project-name "$PROJECT" --project-directory "$ROOT" --file "$ROOT/docker-compose.yml" \
         --env-file "$ENV_FILE" config -q || fail "docker-compose.yml does not validate with $each"
     log "compose config: valid for $each ($("${tool[@]}" version --short 2>/dev/null || echo '?'))"
+    # A developer's exported REDIS_URL (a Redis on the host, for the tests) must not reach the
+    # container; STACK_REDIS_URL in .env selects an external Redis.
+    url="$(bridge_redis_url "$ENV_FILE" env REDIS_URL=redis://127.0.0.1:6379/0 "${tool[@]}")"
+    [[ $url == redis://redis:6379/0 ]] ||
+        fail "with REDIS_URL=redis://127.0.0.1:6379/0 in the shell, $each gives the bridge REDIS_URL=$url"
+    printf 'STACK_REDIS_URL=redis://redis.example.internal:6380/2\n' | cat "$ENV_FILE" - >"$WORK/stack.env"
+    url="$(bridge_redis_url "$WORK/stack.env" env REDIS_URL=redis://127.0.0.1:6379/0 "${tool[@]}")"
+    [[ $url == redis://redis.example.internal:6380/2 ]] ||
+        fail "with STACK_REDIS_URL in .env, $each gives the bridge REDIS_URL=$url"
+    log "compose config: the bridge's REDIS_URL ignores the shell's REDIS_URL, follows STACK_REDIS_URL"
 done
 
 compose down -v --remove-orphans >/dev/null 2>&1 || true # a previous run's leftovers
@@ -303,10 +378,66 @@ t0=$(date +%s.%N)
 compose stop bridge >/dev/null 2>&1
 elapsed="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$(date +%s.%N)")"
 exit_code="$(docker inspect -f '{{.State.ExitCode}}' "$cid")"
-log "bridge stopped in $elapsed s with exit code $exit_code (grace period ${GRACE}s)"
+log "bridge stopped in $elapsed s with exit code $exit_code (limit ${STOP_LIMIT}s, grace period ${GRACE}s)"
 [[ $exit_code == 0 ]] || fail "the bridge exited with $exit_code on SIGTERM, expected 0"
-python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) < $GRACE else 1)" "$elapsed" ||
-    fail "the stop took ${elapsed}s: SIGKILLed at the end of the grace period?"
+python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) <= $STOP_LIMIT else 1)" "$elapsed" ||
+    fail "the stop took ${elapsed}s, more than the ${STOP_LIMIT}s of CONTRACT §6"
 [[ "$(redis_cli HGET "$NS:status" state)" == stopped ]] || fail "status is not 'stopped' after the stop"
+
+# A refused token (HTTP 403 → exit 3) must park the bridge, not feed a restart loop against Kite.
+# The live .env points at the simulator, which accepts only the demo credentials.
+log "parking: compose up -d bridge with a live .env whose token the feed refuses"
+park_env="$WORK/park.env"
+printf 'KITE_WS_URL=ws://simulator:8765\n' | cat "$live_env" - >"$park_env"
+compose logs --no-color simulator >"$WORK/simulator.log" 2>&1
+rejected_before="$(grep -c 'handshake rejected' "$WORK/simulator.log" || true)"
+ENV_FILE="$park_env" compose up -d bridge >"$WORK/up.log" 2>&1 || {
+    cat "$WORK/up.log" >&2
+    fail "compose up -d bridge (live .env) failed"
+}
+state_is() { [[ "$(redis_cli HGET "$NS:status" state)" == "$1" ]]; }
+t0=$(date +%s)
+wait_for "state auth_failed" 60 state_is auth_failed
+log "state auth_failed $(($(date +%s) - t0)) s after up; watching the container for ${PARK_WATCH}s"
+cid="$(container_id bridge)"
+sleep "$PARK_WATCH"
+read -r status restarts health <<<"$(docker inspect \
+    -f '{{.State.Status}} {{.RestartCount}} {{if .State.Health}}{{.State.Health.Status}}{{end}}' "$cid")"
+compose logs --no-color bridge >"$WORK/bridge.log" 2>&1
+compose logs --no-color simulator >"$WORK/simulator.log" 2>&1
+parked="$(grep -c 'NOT restarting' "$WORK/bridge.log" || true)"
+rejected=$(($(grep -c 'handshake rejected' "$WORK/simulator.log" || true) - rejected_before))
+log "parked: container $status, RestartCount $restarts, health ${health:-none}," \
+    "'NOT restarting' logged $parked time(s), handshakes the simulator rejected: $rejected"
+[[ $status == running ]] || fail "the parked bridge container is '$status', expected running"
+[[ $restarts == 0 ]] || fail "the bridge was restarted $restarts time(s) after exit 3"
+[[ $parked == 1 ]] || fail "'NOT restarting' logged $parked times, expected once"
+grep -q 'compose: the bridge exited 3 (auth_failed' "$WORK/bridge.log" ||
+    fail "the park line does not name exit 3 / auth_failed"
+grep -q 'compose: LIVE' "$WORK/bridge.log" || fail "the bridge did not start in live mode"
+[[ $rejected == 1 ]] || fail "the simulator rejected $rejected handshakes, expected exactly 1"
+state_is auth_failed || fail "state is no longer auth_failed"
+# What the HEALTHCHECK runs: a parked bridge must report unhealthy (the reason, not a secret).
+rc=0
+compose exec -T bridge bridge health >"$WORK/health.out" 2>&1 || rc=$?
+log "bridge health in the parked container: exit $rc, $(head -c 200 "$WORK/health.out")"
+[[ $rc != 0 ]] || fail "bridge health passes in a parked container"
+if grep -qF -- "$SECRET" "$WORK/health.out"; then fail "bridge health printed the token"; fi
+
+log "parking: compose stop bridge"
+t0=$(date +%s.%N)
+ENV_FILE="$park_env" compose stop bridge >/dev/null 2>&1
+elapsed="$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$(date +%s.%N)")"
+exit_code="$(docker inspect -f '{{.State.ExitCode}}' "$cid")"
+log "parked bridge stopped in $elapsed s with exit code $exit_code"
+[[ $exit_code == 3 ]] || fail "a parked bridge exited with $exit_code on SIGTERM, expected 3"
+python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) <= $STOP_LIMIT else 1)" "$elapsed" ||
+    fail "stopping the parked bridge took ${elapsed}s"
+
+log "no token in any log"
+compose logs --no-color >"$WORK/all.log" 2>&1
+for id in $(compose ps -a -q); do docker logs "$id" >>"$WORK/all.log" 2>&1; done
+if grep -qF -- "$SECRET" "$WORK/all.log"; then fail "the token appears in the services' logs"; fi
+grep -q 'handshake rejected' "$WORK/all.log" || fail "the logs read for the token check look incomplete"
 
 PASSED=1
