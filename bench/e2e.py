@@ -117,6 +117,7 @@ class LoadResult:
     decoded_total: int = 0
     published_total: int = 0  #: the bridge's own count at exit
     replaced_total: int | None = None  #: bridge: ticks dropped by conflation
+    frames_dropped_total: int | None = None  #: bridge: frames its feed dropped unhandled
     received_total: int = 0
     subscriber_bad: int = 0
     subscriber_checked: int = 0
@@ -410,6 +411,7 @@ def run_load(label: str, opts: Options, redis_url: str, logs: Path) -> LoadResul
         result.decoded_total = decoded_total
         result.published_total = int(totals.get("ticks", totals.get("published", 0)))
         result.replaced_total = totals.get("replaced")
+        result.frames_dropped_total = totals.get("frames_dropped")
         result.received_total = int(sub_final.get("received", 0))
         result.subscriber_bad = int(sub_final.get("bad", 0))
         result.subscriber_checked = int(sub_final.get("checked", 0))
@@ -455,6 +457,11 @@ def describe(result: LoadResult) -> list[str]:
         f"published {result.published_total:,}   received {result.received_total:,}",
         f"   lost      inside the bridge {result.lost_in_bridge:,}"
         + ("" if result.replaced_total is None else f" (conflated {result.replaced_total:,})")
+        + (
+            ""
+            if result.frames_dropped_total is None
+            else f" (frames dropped unhandled {result.frames_dropped_total:,})"
+        )
         + f"   end to end {result.lost_end_to_end:,}   payload checks "
         f"{result.subscriber_checked:,} ({result.subscriber_bad} bad)",
         "   CPU s / 100k ticks  "

@@ -274,6 +274,7 @@ class Bridge:
             exit_code=code,
             ticks=self.publisher.stats.published,
             replaced=self.publisher.stats.replaced,
+            frames_dropped=self.feed.stats.frames_dropped,
             publish_errors=self.publisher.stats.errors,
             commands=self.control.stats.applied,
             rejected=self.control.stats.rejected,
