@@ -12,8 +12,17 @@ first, so the counts settle, and four numbers must agree: ticks sent (the simula
 log), decoded by the bridge, published (plus conflated), received by the subscriber.
 
 Run: ``.venv/bin/python -m bench.soak --minutes 10`` (the default: 5,000 quote ticks/s over
-1,000 instruments). Exit 0 when nothing was lost and RSS grew less than ``--max-growth-mib``
-after the warm-up; the summary is printed as JSON (and written to ``--out``).
+1,000 instruments). Exit 0 when all of these hold, else 1 with the reasons in ``failures``:
+
+* nothing lost: sent = decoded = published + conflated, received = published;
+* the rate was the one asked for: the steady decode rate after the warm-up within
+  ``--rate-tolerance`` (5 %) of ``--rate`` (a slow machine or a stalled feed is not a soak);
+* memory flat after the warm-up, judged twice: the least-squares slope of RSS over the warm
+  samples below ``--max-slope`` MiB per 10 minutes (a steady leak, even a small one, shows
+  here), and the last warm sample less than ``--max-growth-mib`` above the first;
+* no reconnect, and exit 0 on SIGTERM at the end.
+
+The summary is printed as JSON (and written to ``--out``).
 """
 
 from __future__ import annotations
@@ -64,7 +73,8 @@ class Sample:
 class Summary:
     minutes: float
     rate_target: float
-    rate_measured: float
+    rate_measured: float  #: decoded over the whole run (start-up included)
+    rate_steady: float  #: decode rate between the first warm sample and the last one
     tokens: int
     sent: int
     decoded: int
@@ -77,11 +87,13 @@ class Summary:
     rss_end_mib: float
     rss_max_mib: float
     rss_slope_mib_per_hour: float
+    rss_slope_mib_per_10min: float
     cpu_percent_mean: float
     publish_ms_mean: float
     exit_code: int
     stop_seconds: float
     ok: bool
+    failures: list[str] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
 
 
@@ -96,6 +108,13 @@ def slope(points: list[tuple[float, float]]) -> float:
     if var == 0:
         return 0.0
     return sum((x - mean_x) * (y - mean_y) for x, y in points) / var
+
+
+def _steady_rate(warm: list[Sample]) -> float:
+    """Ticks decoded per second between the first and the last warm sample; 0 for fewer than 2."""
+    if len(warm) < 2 or warm[-1].t <= warm[0].t:
+        return 0.0
+    return (warm[-1].decoded - warm[0].decoded) / (warm[-1].t - warm[0].t)
 
 
 def _free_port() -> int:
@@ -317,20 +336,35 @@ def run(args: argparse.Namespace) -> Summary:
     warm = [s for s in samples if s.t >= args.warmup]
     rss = [s.rss_mib for s in warm] or [0.0]
     growth = rss[-1] - rss[0]
+    per_second = slope([(s.t, s.rss_mib) for s in warm])
+    steady = _steady_rate(warm)
     lost = sent - received
-    ok = (
-        lost == 0
-        and decoded == sent
-        and decoded == published + replaced
-        and received == published
-        and growth < args.max_growth_mib
-        and exit_code == 0
-        and reconnects_during == 0
-    )
+    checks = {
+        f"lost {lost} of {sent} ticks sent": lost == 0,
+        f"decoded {decoded} != sent {sent}": decoded == sent,
+        f"decoded {decoded} != published {published} + conflated {replaced}": (
+            decoded == published + replaced
+        ),
+        f"received {received} != published {published}": received == published,
+        f"fewer than 3 samples after the {args.warmup:g} s warm-up": len(warm) >= 3,
+        f"steady rate {steady:.0f}/s not within {args.rate_tolerance:.0%} of {args.rate:g}/s": (
+            abs(steady - args.rate) <= args.rate_tolerance * args.rate
+        ),
+        f"RSS slope {600 * per_second:.2f} MiB/10 min >= {args.max_slope:g}": (
+            600 * per_second < args.max_slope
+        ),
+        f"RSS grew {growth:.2f} MiB after the warm-up, >= {args.max_growth_mib:g}": (
+            growth < args.max_growth_mib
+        ),
+        f"exit code {exit_code} on SIGTERM": exit_code == 0,
+        f"{reconnects_during} reconnects": reconnects_during == 0,
+    }
+    failures = [reason for reason, passed in checks.items() if not passed]
     return Summary(
         minutes=round(elapsed / 60, 2),
         rate_target=args.rate,
         rate_measured=round(decoded / elapsed, 1),
+        rate_steady=round(steady, 1),
         tokens=args.tokens,
         sent=sent,
         decoded=decoded,
@@ -342,7 +376,8 @@ def run(args: argparse.Namespace) -> Summary:
         rss_warm_mib=rss[0],
         rss_end_mib=rss[-1],
         rss_max_mib=max(rss),
-        rss_slope_mib_per_hour=round(3600 * slope([(s.t, s.rss_mib) for s in warm]), 2),
+        rss_slope_mib_per_hour=round(3600 * per_second, 2),
+        rss_slope_mib_per_10min=round(600 * per_second, 3),
         cpu_percent_mean=round(sum(s.cpu_percent for s in samples) / max(1, len(samples)), 1),
         publish_ms_mean=round(
             sum(s.publish_ms for s in samples) / max(1, len(samples)),
@@ -350,7 +385,8 @@ def run(args: argparse.Namespace) -> Summary:
         ),
         exit_code=exit_code,
         stop_seconds=round(stop_seconds, 2),
-        ok=ok,
+        ok=not failures,
+        failures=failures,
         samples=samples,
     )
 
@@ -373,6 +409,20 @@ def main(argv: list[str] | None = None) -> int:
         default=60.0,
         metavar="SECONDS",
         help="samples before this are not judged for growth (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rate-tolerance",
+        type=float,
+        default=0.05,
+        metavar="FRACTION",
+        help="the steady rate may differ from --rate by this fraction (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-slope",
+        type=float,
+        default=1.0,
+        metavar="MIB_PER_10MIN",
+        help="RSS trend after the warm-up, least squares (default: %(default)s MiB per 10 min)",
     )
     parser.add_argument("--max-growth-mib", type=float, default=10.0)
     parser.add_argument("--out", type=Path, help="also write the summary JSON here")

@@ -25,9 +25,13 @@ from chaos.harness import Listen, MakeSim, scaled
 from chaos.test_feed_faults import assert_ticks_accounted, quiesce
 
 INFY = 408065
-#: Bridge RSS may grow by at most this much while it rejects the second batch of garbage
-#: (the first batch warms up every code path and allocator pool).
-RSS_GROWTH_LIMIT = 12 * 2**20
+#: Bridge RSS may grow by at most this many bytes per garbage command after the first
+#: thousand (which warm up every code path and allocator pool). Measured: ~280 B per command
+#: for the first ~12,000 commands, then flat (a 30,000 run: +3.5 MiB by 12,000, +0.3 MiB over
+#: the 18,000 after), i.e. bounded buffers filling, not a leak. The raw commands average
+#: ~1.3 KB: the limit is below half of them (checked below), so a leak keeping half of each
+#: command fails even if nothing else grew, and with the ~280 B measured one of ~250 B does.
+RSS_GROWTH_PER_COMMAND = 512
 
 
 def _rejected(raw: bytes) -> bool:
@@ -91,26 +95,33 @@ async def test_ten_thousand_garbage_commands_are_rejected_and_memory_stays_flat(
             metrics = await bridge.metrics()
             return metrics.get("bridge_commands_total", result="rejected") >= expected_total
 
-        await wait_until(done, within=120, step=0.5)
+        await wait_until(done, within=120, step=0.1)
 
     await push_and_wait(commands[:warmup], warmup)
-    rss_before = bridge.rss()
-    await push_and_wait(commands[warmup:], total)
-    rss_after = bridge.rss()
+    curve = [bridge.rss()]  # after the warm-up, then after every further batch
+    for start in range(warmup, total, warmup):
+        await push_and_wait(commands[start : start + warmup], min(total, start + warmup))
+        curve.append(bridge.rss())
 
     metrics = await bridge.metrics()
     assert metrics.get("bridge_commands_total", result="rejected") == total
     assert metrics.get("bridge_commands_total", result="applied") == 0
     assert metrics.get("bridge_commands_by_action_total", action="invalid") > total // 2
+    # Every one rejected with a reason, in the order sent: one result event each.
+    await wait_until(lambda: len(listener.named("command")) >= total, within=15)
+    results = listener.named("command")
+    assert len(results) == total
+    assert [result["command"] for result in results] == [command_text(raw) for raw in commands]
+    assert all(result["ok"] is False for result in results)
+    assert all(isinstance(result["error"], str) and result["error"] for result in results)
     dead = await redis.lrange(f"{namespace}:control:dead", 0, -1)
     assert len(dead) == 1000  # capped, newest last
     letters = [orjson.loads(entry) for entry in dead]
     assert all(letter["error"] and letter["at"] for letter in letters)
-    assert letters[-1]["command"] == command_text(commands[-1])
-    assert letters[0]["command"] == command_text(commands[-1000])
-    await wait_until(lambda: len(listener.named("command")) >= total, within=15)
-    assert not any(event["ok"] for event in listener.named("command"))
+    assert [letter["command"] for letter in letters] == [command_text(c) for c in commands[-1000:]]
+    assert [letter["error"] for letter in letters] == [r["error"] for r in results[-1000:]]
     assert await redis.llen(control) == 0
+    assert await redis.llen(f"{namespace}:control:processing") == 0
     assert await redis.hgetall(f"{namespace}:subscriptions") == {}
 
     # Still alive, still applying good commands.
@@ -120,9 +131,16 @@ async def test_ten_thousand_garbage_commands_are_rejected_and_memory_stays_flat(
     assert result["ok"] is True
     await wait_until(lambda: listener.ticks[INFY] > 0, within=10)
     assert sim.subscriptions() == {INFY: "full"}
-    growth = rss_after - rss_before
-    print(f"{total} garbage commands: RSS {rss_before / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB")
-    assert growth < RSS_GROWTH_LIMIT, growth
+    measured = total - warmup
+    growth = curve[-1] - curve[0]
+    limit = RSS_GROWTH_PER_COMMAND * measured
+    assert limit < sum(len(raw) for raw in commands[warmup:]) / 2  # the margin claimed above
+    print(
+        f"{total} garbage commands: RSS after the first {warmup} then every {warmup} more:",
+        " ".join(f"{rss / 2**20:.2f}" for rss in curve),
+        f"MiB; grew {growth / 2**20:.2f} MiB over {measured} (limit {limit / 2**20:.2f})",
+    )
+    assert growth < limit, growth
     code, _ = await bridge.stop()
     assert code == 0
 
