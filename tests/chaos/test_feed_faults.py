@@ -359,6 +359,7 @@ async def test_sigterm_under_full_load_exits_0_within_5_seconds(
         await asyncio.sleep(1.0)
         second = await bridge.metrics()
         rate = second["bridge_ticks_published_total"] - first["bridge_ticks_published_total"]
+        decoding = second["bridge_ticks_total"] - first["bridge_ticks_total"]
         applied_before = second.get("bridge_commands_total", result="applied")
 
         # Commands keep arriving while the bridge shuts down.
@@ -367,7 +368,7 @@ async def test_sigterm_under_full_load_exits_0_within_5_seconds(
         await pushing
         assert code == 0
         assert took < 5
-        assert rate > 5_000  # under load: the firehose, not an idle feed
+        assert decoding > 20_000  # under load: the firehose, not an idle feed
         assert applied_before > 0
 
         # Ticks. Every frame the bridge read was decoded: none dropped for a full inbox, none
@@ -417,7 +418,8 @@ async def test_sigterm_under_full_load_exits_0_within_5_seconds(
         stored = await admin.hgetall(f"{namespace}:subscriptions")
         assert stored == {str(token).encode(): mode.encode() for token, mode in model.items()}
         print(
-            f"SIGTERM at ~{rate:.0f} ticks/s published: exit 0 after {took:.2f}s; "
+            f"SIGTERM at ~{decoding:.0f} ticks/s decoded, ~{rate:.0f} published: exit 0 after "
+            f"{took:.2f}s; "
             f"{frames} frames read, {decoded} ticks decoded = {published} published "
             f"(= received = PUBLISH calls - {events} events) + {replaced} conflated; "
             f"simulator sent {connection.ticks_sent}; commands {len(producer.sent)} pushed, "
