@@ -241,11 +241,19 @@ class ControlConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; the command in flight is finished first."""
         stop_wait = asyncio.ensure_future(stop.wait())
+        # A BLMOVE whose reply was lost may still have moved a command into processing. Nothing
+        # else is in flight here (one command at a time), so once Redis answers again whatever
+        # is in processing is such an orphan and goes back to the head of the queue.
+        orphans = False
         try:
             while not stop.is_set():
                 try:
+                    if orphans:
+                        await self.requeue()
+                        orphans = False
                     raw = await self._take(stop_wait)
                 except _UNAVAILABLE as exc:
+                    orphans = True
                     self.stats.redis_errors += 1
                     await self._sleep(self._outage.failed(exc), stop_wait)
                     continue

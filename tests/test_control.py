@@ -15,6 +15,7 @@ import pytest
 from helpers import MakeRedis, wait_until
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 from structlog.testing import capture_logs
 
@@ -286,6 +287,35 @@ async def test_consumer_runs_commands_in_fifo_order(
     stop.set()
     await asyncio.wait_for(task, 2)
     assert await stored(redis) == {"1": "full", "2": "quote"}
+
+
+async def test_a_command_moved_by_a_blmove_whose_reply_was_lost_is_not_stranded(
+    redis: Redis, consumer: ControlConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis moved the command, then the connection died before the reply: re-queued."""
+    await redis.rpush(CONTROL, "subscribe ltp 1", "subscribe full 2")
+    real_blmove = redis.blmove
+    lost = 0
+
+    async def blmove_reply_lost(*args: Any, **kwargs: Any) -> Any:
+        nonlocal lost
+        result = await real_blmove(*args, **kwargs)
+        if lost == 0 and result is not None:
+            lost += 1
+            raise RedisConnectionError("connection reset after the move")
+        return result
+
+    monkeypatch.setattr(redis, "blmove", blmove_reply_lost)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    await wait_until(lambda: consumer.stats.applied == 2)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert lost == 1
+    assert consumer.stats.requeued == 1
+    assert await stored(redis) == {"1": "ltp", "2": "full"}
+    assert await redis.llen(PROCESSING) == 0
+    assert await redis.llen(CONTROL) == 0
 
 
 async def test_redis_failure_at_commit_applies_nothing_and_retries_to_the_same_effect(
