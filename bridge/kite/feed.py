@@ -14,15 +14,21 @@ Tasks while ``connect()`` runs:
   events (connect, disconnect, reconnect) travel through the same inbox, so a handler sees the
   ticks of a connection before its ``on_disconnect``.
 
-The reader never waits for the handlers. The inbox holds up to ``queue_size`` frames and
+The reader never waits long for the handlers. The inbox holds up to ``queue_size`` frames and
 ``queue_bytes`` bytes (a full-mode frame of 3000 instruments is ~560 KB, so a frame count alone
-would not bound memory); when a slow consumer lets it fill, the older half of the waiting frames
-is dropped, counted in ``stats.frames_dropped`` and logged. Waiting instead would stop the
+would not bound memory). When it is full the reader waits for room, at most ``queue_timeout``
+(1 s): a busy dispatcher makes room within milliseconds, and meanwhile TCP pushes back on the
+server, so a CPU-bound burst loses nothing. A consumer that makes no room in that time is too
+slow: the older half of the waiting frames is dropped (the stalest; counted in
+``stats.frames_dropped`` and logged) and the reader goes on. Waiting longer would stop the
 socket being read, and with it the answers to the server's pings: the connection would die
-(kite-protocol §7 pitfall 2) while nothing here could notice. Dropped frames are the stalest
-ones, and a consumer that far behind needs the newest. :meth:`KiteFeed.lag` tells a handler how
-far behind it is long before that, so one that paces the feed (the bridge's publisher) can
-choose freshness in its own way first.
+(kite-protocol §7 pitfall 2) while nothing here could notice. :meth:`KiteFeed.lag` tells a
+handler how far behind it is long before that, so one that paces the feed (the bridge's
+publisher) can choose freshness in its own way first.
+
+The dispatcher yields to the event loop at least every ``_SLICE`` seconds of work, so the
+tasks a handler feeds (the bridge's publisher, its control loop) are never starved by a backlog
+of frames.
 """
 
 from __future__ import annotations
@@ -80,6 +86,8 @@ _MODES: Final[tuple[Mode, ...]] = get_args(Mode)
 _UINT32_MAX: Final = 0xFFFF_FFFF
 #: Kite's documented per-connection limit (kite-protocol.md §1.4); above it we only warn.
 _MAX_TOKENS: Final = 3000
+#: Longest the dispatcher works through a backlog before it yields to the event loop.
+_SLICE: Final = 0.005
 
 #: Why a connection ended (``on_disconnect`` cause, ``stats.reconnects_by_cause`` keys):
 #: ``dropped`` no close frame (1006), ``closed`` the server sent a close frame, ``stale`` no
@@ -201,9 +209,9 @@ _Item: TypeAlias = bytes | str | _Event
 
 
 class _Inbox:
-    """Reader -> dispatcher hand-off: bounded for frames, never blocking the reader.
+    """Reader -> dispatcher hand-off: bounded for frames, never blocking for long.
 
-    A deque and an event rather than ``asyncio.Queue``: the dispatcher takes what is already
+    A deque and two events rather than ``asyncio.Queue``: the dispatcher takes what is already
     there without a coroutine per item, which is most of the hand-off's cost per frame.
     Lifecycle events are never dropped.
     """
@@ -217,6 +225,12 @@ class _Inbox:
         #: Bytes of the frames waiting (lifecycle events count as nothing).
         self.size = 0
         self.ready = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
+        #: The reader is waiting for room, and since when it last stopped doing so: the
+        #: silence is then ours, not the server's (the watchdog must not call it stale).
+        self.waiting = False
+        self.waited_until = 0.0
 
     def qsize(self) -> int:
         return len(self.items)
@@ -225,11 +239,24 @@ class _Inbox:
         self.items.append(item)
         self.ready.set()
 
-    def put_frame(self, item: bytes | str, stamp: float) -> int:
-        """Enqueue a frame, first dropping the older half if full; returns how many went."""
+    def full(self) -> bool:
+        return len(self.items) >= self.limit or self.size >= self.max_bytes
+
+    async def put_frame(self, item: bytes | str, stamp: float, patience: float) -> int:
+        """Enqueue a frame once there is room (until half empty), waiting at most ``patience``;
+        then drop the older half instead. Returns how many frames were dropped."""
         dropped = 0
-        if len(self.items) >= self.limit or self.size >= self.max_bytes:
-            dropped = self._drop_older_half()
+        if self.full():
+            self._space.clear()
+            self.waiting = True
+            try:
+                async with asyncio.timeout(patience):
+                    await self._space.wait()
+            except TimeoutError:
+                dropped = self._drop_older_half()
+            finally:
+                self.waiting = False
+                self.waited_until = time.monotonic()
         self.size += len(item)
         self.stamps.append(stamp)
         self.put_nowait(item)
@@ -265,6 +292,12 @@ class _Inbox:
         if not isinstance(item, _Event):
             self.size -= len(item)
             self.stamps.popleft()
+            if (
+                not self._space.is_set()
+                and len(items) <= self.limit // 2
+                and self.size <= self.max_bytes // 2
+            ):
+                self._space.set()
         return item
 
 
@@ -378,6 +411,7 @@ class KiteFeed:
         batch_size: int = 200,
         queue_size: int = 10_000,
         queue_bytes: int = 32 * 2**20,
+        queue_timeout: float = 1.0,
         decoder: FrameDecoder = decode_frame,
         on_tick: TickHandler | None = None,
         on_order_update: OrderHandler | None = None,
@@ -412,6 +446,7 @@ class KiteFeed:
         self._backoff = Backoff(float(base_wait), float(max_wait))
         self._queue_size = queue_size
         self._queue_bytes = queue_bytes
+        self.queue_timeout = queue_timeout
         # The access-token flavour wins when both tokens are given (as in Aio-Trader).
         if access_token:
             self._auth = "access_token"
@@ -867,7 +902,9 @@ class KiteFeed:
                 items.append(message)
                 ready.set()
             else:
-                dropped = inbox.put_frame(message, now)
+                dropped = await inbox.put_frame(message, now, self.queue_timeout)
+                if not dropped:
+                    continue
                 stats.frames_dropped += dropped
                 if now - self._drop_logged_at >= 60.0:
                     self._drop_logged_at = now
@@ -882,9 +919,11 @@ class KiteFeed:
         """Return the idle time once the server has said nothing for ``liveness_timeout``."""
         timeout = self.liveness_timeout
         stats = self.stats
+        inbox = self._inbox
         grace = False
         while True:
-            idle = time.monotonic() - max(opened, stats.last_frame_monotonic or 0.0)
+            last = max(opened, stats.last_frame_monotonic or 0.0, inbox.waited_until)
+            idle = 0.0 if inbox.waiting else time.monotonic() - last
             if idle < timeout:
                 grace = False
             elif grace:
@@ -900,15 +939,21 @@ class KiteFeed:
     # ----------------------------------------------------------------------------------------
     # Dispatch: the only place user code runs.
 
-    async def _dispatch(self) -> None:
+    async def _dispatch(self) -> None:  # noqa: C901 (the per-frame path stays in one frame)
         inbox = self._inbox
         stats = self.stats
         items = inbox.items
         skipped: list[int] = []
         decode = self._decoder
+        monotonic = time.monotonic
+        yield_at = monotonic() + _SLICE
         while True:
             if not items:
                 await inbox.wait()
+                yield_at = monotonic() + _SLICE
+            elif monotonic() >= yield_at:
+                await asyncio.sleep(0)  # let the reader, the publisher and the rest have a turn
+                yield_at = monotonic() + _SLICE
             item = inbox.pop()
             try:
                 if type(item) is bytes:
