@@ -11,16 +11,16 @@ slower, docs/performance.md).
 
 Two policies for when ticks arrive faster than they are published:
 
-* **Redis is answering, the bridge is a little behind** (a burst, or more ticks than one core
-  can both decode and publish): :meth:`Publisher.backpressure` asks the dispatcher to wait until
-  the backlog falls from ``high_water`` to ``low_water``, which hands the CPU to the sender
-  rather than to decoding ticks that would only be conflated. Frames wait in the feed's inbox
-  meanwhile; the websocket reader goes on reading. This holds only while the oldest frame
-  waiting there is at most ``max_lag`` old: pacing the feed further would delay every tick
-  behind it, so past that the dispatcher is not asked to wait and the policy below applies.
-* **Redis is down, stalled or too slow** (an outage, no batch completed for ``stall_timeout``,
-  or the feed ``max_lag`` behind): no waiting, so the websocket keeps being read and decoded at
-  full speed. Ticks queue in arrival order up to
+* **Redis is answering, the bridge is behind** (a burst, or more ticks than one core can both
+  decode and publish): :meth:`Publisher.backpressure` asks the dispatcher to wait until the
+  backlog falls from ``high_water`` to ``low_water``, which hands the CPU to the sender rather
+  than to decoding ticks that would only be conflated. Frames wait in the feed's inbox
+  meanwhile (its reader waits for room at most a second, and TCP pushes back on the server):
+  late, but nothing is lost. Measured: conflating instead cost a third of the throughput.
+* **Redis is down, stalled or slow** (an outage; no batch completed for ``stall_timeout``; or a
+  round trip of ``slow_round_trip`` or more while the feed is ``max_lag`` behind): waiting
+  would not make the bridge faster, only every tick later. No waiting, so the websocket keeps
+  being read and decoded at full speed. Ticks queue in arrival order up to
   ``max_pending``; past that the buffer is *conflated*: only the newest tick per instrument is
   kept and every tick thrown away is counted in ``stats.replaced``. Memory is bounded by
   ``max_pending`` ticks plus one per instrument (at most Kite's 3000 subscriptions), and
@@ -75,7 +75,7 @@ class PublisherStats:
     serialize_errors: int = 0  #: ticks that could not be turned into JSON (dropped)
     backpressure_waits: int = 0  #: times the feed was asked to wait for the backlog to drain
     backpressure_stalls: int = 0  #: waits given up after ``stall_timeout`` without progress
-    backpressure_lagging: int = 0  #: waits skipped or cut short: the feed was ``max_lag`` behind
+    backpressure_lagging: int = 0  #: waits skipped or cut short: Redis slow, feed lagging
     errors: int = 0  #: failed round trips
     batches: int = 0  #: successful round trips
     unheard: int = 0  #: messages no subscriber was listening for
@@ -102,6 +102,7 @@ class Publisher:
         low_water: int | None = None,
         stall_timeout: float = 0.5,
         max_lag: float = 0.25,
+        slow_round_trip: float = 0.05,
         base_wait: float = 0.05,
         max_wait: float = 5.0,
         clock: Callable[[], float] = time.perf_counter,
@@ -125,6 +126,8 @@ class Publisher:
         self._low_water = low
         self._stall_timeout = stall_timeout
         self._max_lag = max_lag
+        self._slow_round_trip = slow_round_trip
+        self._sending_since: float | None = None
         if transport == "unreplied":
             self._transport: Transport = UnrepliedTransport(redis)
         elif transport == "lua":
@@ -180,16 +183,30 @@ class Publisher:
     def backpressure(self, lag: Callable[[], float] | None = None) -> Awaitable[None] | None:
         """What the feed should await before its next frame, or ``None`` to go straight on.
 
-        ``None`` while the backlog is at most ``high_water``, and also while Redis is failing
-        or stalled, or while ``lag()`` (the feed's, in seconds: ``KiteFeed.lag``) exceeds
+        ``None`` while the backlog is at most ``high_water``, and also while Redis is failing,
+        stalled, or slow while ``lag()`` (the feed's, in seconds: ``KiteFeed.lag``) exceeds
         ``max_lag``: the conflation policy applies then (see the module docstring).
         """
         if self.pending <= self._high_water or self._stalled or self._outage.active:
             return None
-        if lag is not None and lag() > self._max_lag:
+        if self._lagging(lag):
             self.stats.backpressure_lagging += 1
             return None
         return self._wait_for_room(lag)
+
+    def _lagging(self, lag: Callable[[], float] | None) -> bool:
+        """Redis is the bottleneck and the feed is ``max_lag`` behind: stop pacing it.
+
+        A slow round trip is what tells a slow Redis from a busy bridge: when the bridge's own
+        CPU is the limit, batches complete fast whenever they get a turn, and pacing the feed
+        is what gives them that turn.
+        """
+        if lag is None:
+            return False
+        round_trip = self.stats.last_batch_seconds
+        if self._sending_since is not None:
+            round_trip = max(round_trip, self._clock() - self._sending_since)
+        return round_trip >= self._slow_round_trip and lag() > self._max_lag
 
     def publish_event(self, event: bytes) -> None:
         """Queue one ready-made event JSON for ``<ns>:events``."""
@@ -246,10 +263,11 @@ class Publisher:
         flat = [part for event in events for part in event]
         flat += ticks
         self._in_flight = len(events) + len(ticks) // 2
-        started = self._clock()
+        started = self._sending_since = self._clock()
         try:
             unheard = await self._transport(flat) if flat else 0
         except (RedisError, OSError) as exc:
+            self._sending_since = None
             self._in_flight = 0
             self.stats.errors += 1
             self._put_back(events, ticks)
@@ -258,10 +276,12 @@ class Publisher:
             await asyncio.sleep(wait)
             return False
         except BaseException:  # cancelled mid-flight (shutdown): keep the batch for flush
+            self._sending_since = None
             self._in_flight = 0
             self._put_back(events, ticks)
             raise
         self._in_flight = 0
+        self._sending_since = None
         elapsed = self._clock() - started
         self._outage.recovered()
         if self._stalled and self.pending <= self._low_water:
@@ -282,11 +302,11 @@ class Publisher:
 
     async def _wait_for_room(self, lag: Callable[[], float] | None) -> None:
         """Wait until the backlog is down to ``low_water``, for as long as batches keep landing
-        and the feed is at most ``max_lag`` behind."""
+        and Redis is not the slow part of a feed ``max_lag`` behind."""
         self.stats.backpressure_waits += 1
         progress = self._progress
         while self.pending > self._low_water and not self._outage.active:
-            if lag is not None and lag() > self._max_lag:
+            if self._lagging(lag):
                 self.stats.backpressure_lagging += 1
                 return
             progress.clear()

@@ -17,14 +17,14 @@ Tasks while ``connect()`` runs:
 The reader never waits long for the handlers. The inbox holds up to ``queue_size`` frames and
 ``queue_bytes`` bytes (a full-mode frame of 3000 instruments is ~560 KB, so a frame count alone
 would not bound memory). When it is full the reader waits for room, at most ``queue_timeout``
-(1 s): a busy dispatcher makes room within milliseconds, and meanwhile TCP pushes back on the
-server, so a CPU-bound burst loses nothing. A consumer that makes no room in that time is too
-slow: the older half of the waiting frames is dropped (the stalest; counted in
-``stats.frames_dropped`` and logged) and the reader goes on. Waiting longer would stop the
-socket being read, and with it the answers to the server's pings: the connection would die
-(kite-protocol §7 pitfall 2) while nothing here could notice. :meth:`KiteFeed.lag` tells a
-handler how far behind it is long before that, so one that paces the feed (the bridge's
-publisher) can choose freshness in its own way first.
+(1 s) for the dispatcher to take a frame: a busy dispatcher does within milliseconds, and
+meanwhile TCP pushes back on the server, so a CPU-bound burst loses nothing. A consumer that
+takes nothing in that time is stuck: the older half of the waiting frames is dropped (the
+stalest; counted in ``stats.frames_dropped`` and logged) and the reader goes on. Waiting
+longer would stop the socket being read, and with it the answers to the server's pings: the
+connection would die (kite-protocol §7 pitfall 2) while nothing here could notice.
+:meth:`KiteFeed.lag` tells a handler how far behind it is long before that, so one that paces
+the feed (the bridge's publisher) can choose freshness in its own way first.
 
 The dispatcher yields to the event loop at least every ``_SLICE`` seconds of work, so the
 tasks a handler feeds (the bridge's publisher, its control loop) are never starved by a backlog
@@ -243,8 +243,8 @@ class _Inbox:
         return len(self.items) >= self.limit or self.size >= self.max_bytes
 
     async def put_frame(self, item: bytes | str, stamp: float, patience: float) -> int:
-        """Enqueue a frame once there is room (until half empty), waiting at most ``patience``;
-        then drop the older half instead. Returns how many frames were dropped."""
+        """Enqueue a frame once there is room, waiting at most ``patience`` for the dispatcher
+        to take one; then drop the older half instead. Returns how many frames were dropped."""
         dropped = 0
         if self.full():
             self._space.clear()
@@ -292,12 +292,8 @@ class _Inbox:
         if not isinstance(item, _Event):
             self.size -= len(item)
             self.stamps.popleft()
-            if (
-                not self._space.is_set()
-                and len(items) <= self.limit // 2
-                and self.size <= self.max_bytes // 2
-            ):
-                self._space.set()
+        if not self._space.is_set() and not self.full():
+            self._space.set()  # room for the reader's frame: it waited for progress only
         return item
 
 
