@@ -601,6 +601,8 @@ class Simulator:
         frame: bytearray,
         chunk: list[tuple[int, Mode]],
     ) -> None:
+        if state.websocket.transport.is_closing():
+            return  # aborted (a drop fault): a write would vanish, so it is not "sent"
         sent_ns = time.monotonic_ns()
         await state.websocket.send(frame)
         state.frames_sent += 1
