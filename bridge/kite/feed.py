@@ -406,7 +406,7 @@ class KiteFeed:
         connect_timeout: float = 10.0,
         batch_size: int = 200,
         queue_size: int = 10_000,
-        queue_bytes: int = 32 * 2**20,
+        queue_bytes: int = 8 * 2**20,
         queue_timeout: float = 1.0,
         decoder: FrameDecoder = decode_frame,
         on_tick: TickHandler | None = None,

@@ -7,6 +7,8 @@ variants are opt-in through environment variables (see docs/reliability.md). ``l
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,9 @@ async def make_sim() -> AsyncIterator[MakeSim]:
         return sim
 
     yield make
-    for sim in sims:
-        await sim.stop()
+    for sim in sims:  # bounded: a failed test must not hang the suite in teardown
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sim.stop(), 15)
 
 
 @pytest.fixture(autouse=True)
