@@ -549,6 +549,14 @@ async def test_a_full_inbox_waits_briefly_then_drops_its_older_half_keeping_even
     assert await asyncio.wait_for(put, 1) == 0
     assert list(inbox.stamps)[-1] == 5.0
     assert inbox.qsize() == 6
+    # A reader stopped while it waits still hands over the frame it had read.
+    put = asyncio.ensure_future(inbox.put_frame(b"f6", 6.0, 5.0))
+    await asyncio.sleep(0.01)
+    put.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await put
+    assert list(inbox.items)[-1] == b"f6"
+    assert inbox.qsize() == 7
     # Bytes bound too: drop until at most half of max_bytes remains.
     big = _Inbox(limit=100, max_bytes=100)
     for n in range(5):

@@ -254,13 +254,21 @@ class _Inbox:
                     await self._space.wait()
             except TimeoutError:
                 dropped = self._drop_older_half()
+            except asyncio.CancelledError:
+                # The reader is being stopped (close, drop): a frame it has read is not lost,
+                # it goes in one over the bound and the dispatcher still gets it.
+                self._append(item, stamp)
+                raise
             finally:
                 self.waiting = False
                 self.waited_until = time.monotonic()
+        self._append(item, stamp)
+        return dropped
+
+    def _append(self, item: bytes | str, stamp: float) -> None:
         self.size += len(item)
         self.stamps.append(stamp)
         self.put_nowait(item)
-        return dropped
 
     def _drop_older_half(self) -> int:
         """Half at once, not one per new frame: one O(n) pass per many frames."""
