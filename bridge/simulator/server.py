@@ -601,10 +601,10 @@ class Simulator:
         frame: bytearray,
         chunk: list[tuple[int, Mode]],
     ) -> None:
-        if state.websocket.transport.is_closing():
-            return  # aborted (a drop fault): a write would vanish, so it is not "sent"
         sent_ns = time.monotonic_ns()
-        await state.websocket.send(frame)
+        await state.websocket.send(frame)  # raises ConnectionClosed once the close is known
+        if state.websocket.transport.is_closing():
+            return  # aborted (a drop fault) before this write: it vanished, it was not "sent"
         state.frames_sent += 1
         state.ticks_sent += len(chunk)
         if self.on_frame_sent is not None:
