@@ -131,6 +131,12 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment, then ``.env``, then TOML (CONTRACT §1), all through one reader.
+
+        pydantic's own env and dotenv sources are not used: the same names, blank-is-unset and
+        "did you mean" rules must apply to every source, and the TOML file's path itself can
+        come from the environment or ``.env``.
+        """
         dotenv = _read_dotenv()
         toml = _LOADED_TOML.get()
         if toml is None:  # constructed directly rather than by load_settings

@@ -101,6 +101,7 @@ class Readiness:
         self.max_redis_age = max_redis_age
 
     def check(self) -> ReadinessReport:
+        """Every failed condition, not just the first, so one 503 says all that is wrong."""
         state = self._state()
         reasons: list[str] = []
         frame_age = self._last_frame_age()

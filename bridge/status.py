@@ -95,6 +95,7 @@ class StatusReporter:
             self._changed.set()
 
     def fields(self) -> dict[FieldT, EncodableT]:
+        """The whole hash each time: a reader never sees fields of two different moments."""
         counters = self._counters()
         return {
             "state": self.state,
