@@ -359,7 +359,7 @@ def _walk(
     decoder_for = decoders.get
     unpack_length = _U16.unpack_from
     position = 2
-    unknown: list[int] = []  # reported only once the whole frame is known to be sound
+    unknown: list[int] | None = None  # reported only once the whole frame is known sound
     for index in range(count):
         if position + 2 > size:
             raise FrameError(
@@ -377,6 +377,8 @@ def _walk(
         decoder = decoder_for(length)
         if decoder is not None:
             append(decoder(data, position))
+        elif unknown is None:
+            unknown = [length]
         else:
             unknown.append(length)
         position = end
@@ -385,7 +387,7 @@ def _walk(
             f"{size - position} trailing bytes at offset {position} after the {count} declared"
             f" packets (frame length {size})"
         )
-    if unknown and skipped is not None:
+    if unknown is not None and skipped is not None:
         skipped.extend(unknown)
     return items
 
