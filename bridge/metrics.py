@@ -21,7 +21,7 @@ import asyncio
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -177,6 +177,15 @@ class TimedTransport:
         return unheard
 
 
+class Silence(NamedTuple):
+    """What :meth:`TokenActivity.silence` found."""
+
+    #: Silent token -> seconds without a tick.
+    tokens: dict[int, float]
+    #: The longest silence of any subscribed token, silent or not yet.
+    longest: float
+
+
 class TokenActivity:
     """When each token last ticked, to report subscribed tokens that went silent.
 
@@ -200,8 +209,8 @@ class TokenActivity:
 
     def silence(
         self, subscribed: Iterable[int], silent_after: float, since: float | None = None
-    ) -> tuple[int, float]:
-        """``(tokens silent for >= silent_after, longest silence)`` among ``subscribed``.
+    ) -> Silence:
+        """The tokens of ``subscribed`` silent for ``silent_after`` seconds or more.
 
         ``since`` (monotonic) is when ticks could first have arrived, e.g. when the current
         connection came up: nothing is silent for longer than the feed has been connected.
@@ -210,21 +219,22 @@ class TokenActivity:
         last, noticed = self.last_tick, self._noticed
         floor = now if since is None else since
         tokens = set(subscribed)
-        silent, longest = 0, 0.0
+        silent: dict[int, float] = {}
+        longest = 0.0
         for token in tokens:
             seen = last.get(token)
             if seen is None:
                 seen = noticed.setdefault(token, now)
             quiet = now - max(seen, floor)
             if quiet >= silent_after:
-                silent += 1
+                silent[token] = quiet
             longest = max(longest, quiet)
         # Forget unsubscribed tokens so a long-running bridge does not accumulate them.
         for book in (last, noticed):
             if len(book) > len(tokens):
                 for token in [t for t in book if t not in tokens]:
                     del book[token]
-        return silent, longest
+        return Silence(silent, longest)
 
 
 class Progress:
@@ -413,18 +423,29 @@ class BridgeCollector(Collector):
             since = self._clock() - max(0.0, now_wall - s.connected_since)
         elif not feed.connected:
             since = self._clock()  # disconnected: silence is the feed's fault, not the tokens'
-        silent, longest = self._activity.silence(subscriptions, self._silent_after, since)
+        silence = self._activity.silence(subscriptions, self._silent_after, since)
         yield _gauge(
             "bridge_silent_tokens",
             f"Subscribed tokens without a tick for {self._silent_after:g} s or more "
             "while connected.",
-            silent,
+            len(silence.tokens),
         )
         yield _gauge(
             "bridge_token_silence_max_seconds",
             "Longest time any subscribed token has gone without a tick while connected.",
-            longest,
+            silence.longest,
         )
+        # One series per silent token only (normally none, at most the 3000 subscribed), so an
+        # alert can say which instrument went quiet without a series per subscription.
+        per_token = GaugeMetricFamily(
+            "bridge_token_silence_seconds",
+            f"Seconds without a tick, for each subscribed token silent for "
+            f"{self._silent_after:g} s or more while connected.",
+            labels=["token", "mode"],
+        )
+        for token, quiet in sorted(silence.tokens.items()):
+            per_token.add_metric([str(token), subscriptions.get(token, "")], quiet)
+        yield per_token
 
     def _publisher_metrics(self) -> Iterator[Metric]:
         p = self._publisher.stats
@@ -509,6 +530,16 @@ class BridgeCollector(Collector):
             "bridge_control_redis_errors",
             "Redis errors met by the control consumer.",
             c.redis_errors,
+        )
+        yield _counter(
+            "bridge_control_write_errors",
+            "Dead letters, acks, result events and replies Redis refused (not retried).",
+            c.write_errors,
+        )
+        yield _counter(
+            "bridge_commands_store_errors",
+            "Commands rejected because the desired subscriptions could not be read or written.",
+            c.store_errors,
         )
 
 

@@ -653,6 +653,7 @@ async def test_403_is_final() -> None:
         assert caught.value.status == 403
         assert [handshake.status for handshake in sim.handshakes] == [403]
     assert rec.events == []
+    assert rec.errors == [caught.value]  # on_error hears of the end before connect() raises
     assert feed.stats.reconnects == 0
 
 
@@ -696,6 +697,10 @@ async def test_retries_exhausted_when_nothing_listens() -> None:
     assert caught.value.attempts == 3
     assert isinstance(caught.value.last_error, OSError)
     assert [attempt for attempt, _ in rec.of("reconnect")] == [1, 2]
+    # Each failed attempt, then the final verdict, reach on_error.
+    assert [type(error) for error in rec.errors][-1] is RetriesExhausted
+    assert rec.errors[-1] is caught.value
+    assert len(rec.errors) == 3
 
 
 @contextlib.asynccontextmanager

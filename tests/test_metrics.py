@@ -124,8 +124,11 @@ def test_silence_counts_tokens_quiet_for_longer_than_the_threshold() -> None:
     clock.now += 30
     activity.observe([(2, b"")])
     clock.now += 40  # token 1: 70 s quiet, token 2: 40 s
-    assert activity.silence([1, 2], silent_after=60, since=0.0) == pytest.approx((1, 70))
-    assert activity.silence([1, 2], silent_after=30, since=0.0) == pytest.approx((2, 70))
+    found = activity.silence([1, 2], silent_after=60, since=0.0)
+    assert found.tokens == pytest.approx({1: 70})
+    assert found.longest == pytest.approx(70)
+    found = activity.silence([1, 2], silent_after=30, since=0.0)
+    assert found.tokens == pytest.approx({1: 70, 2: 40})
 
 
 def test_silence_never_exceeds_the_connection_age() -> None:
@@ -134,15 +137,17 @@ def test_silence_never_exceeds_the_connection_age() -> None:
     activity.observe([(1, b"")])
     clock.now += 100
     reconnected_at = clock.now - 5
-    assert activity.silence([1], silent_after=60, since=reconnected_at) == pytest.approx((0, 5))
+    found = activity.silence([1], silent_after=60, since=reconnected_at)
+    assert found.tokens == {}
+    assert found.longest == pytest.approx(5)
 
 
 def test_a_token_that_never_ticked_is_silent_from_when_it_was_first_seen() -> None:
     clock = Clock()
     activity = TokenActivity(clock)
-    assert activity.silence([7], silent_after=10, since=0.0) == (0, 0.0)
+    assert activity.silence([7], silent_after=10, since=0.0) == ({}, 0.0)
     clock.now += 11
-    assert activity.silence([7], silent_after=10, since=0.0) == pytest.approx((1, 11))
+    assert activity.silence([7], silent_after=10, since=0.0).tokens == pytest.approx({7: 11})
 
 
 def test_unsubscribed_tokens_are_forgotten() -> None:
@@ -220,6 +225,7 @@ def test_counters_come_straight_from_the_stats() -> None:
     publisher.stats.backpressure_lagging = 5
     control.stats.applied, control.stats.rejected = 10, 6
     control.stats.by_action = {"subscribe": 9, "list": 1, "invalid": 6}
+    control.stats.redis_errors, control.stats.write_errors, control.stats.store_errors = 8, 3, 2
     text = metrics.render()
 
     assert value(text, "bridge_frames_total") == 120
@@ -243,6 +249,9 @@ def test_counters_come_straight_from_the_stats() -> None:
     assert value(text, "bridge_commands_total", result="applied") == 10
     assert value(text, "bridge_commands_total", result="rejected") == 6
     assert value(text, "bridge_commands_by_action_total", action="invalid") == 6
+    assert value(text, "bridge_control_redis_errors_total") == 8
+    assert value(text, "bridge_control_write_errors_total") == 3
+    assert value(text, "bridge_commands_store_errors_total") == 2
 
     # Scraping again reads the live numbers: nothing was copied at registration.
     feed.stats.frames = 121
@@ -298,13 +307,18 @@ def test_silent_tokens_while_connected() -> None:
     activity.observe([(1, b""), (2, b"")])
     clock.now += 90
     activity.observe([(2, b"")])
-    got = {m.name: m.samples[0].value for m in collector.collect() if m.samples}
+    families = {m.name: m for m in collector.collect()}
+    got = {name: m.samples[0].value for name, m in families.items() if m.samples}
     assert got["bridge_silent_tokens"] == 1
     assert got["bridge_token_silence_max_seconds"] == pytest.approx(90)
+    [sample] = families["bridge_token_silence_seconds"].samples  # which one: token 1
+    assert sample.labels == {"token": "1", "mode": "quote"}
+    assert sample.value == pytest.approx(90)
 
     feed.connected, feed.stats.connected_since = False, None  # nobody is silent offline
-    got = {m.name: m.samples[0].value for m in collector.collect() if m.samples}
-    assert got["bridge_silent_tokens"] == 0
+    families = {m.name: m for m in collector.collect()}
+    assert families["bridge_silent_tokens"].samples[0].value == 0
+    assert families["bridge_token_silence_seconds"].samples == []
 
 
 def test_redis_write_age_and_process_metrics() -> None:

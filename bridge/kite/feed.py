@@ -105,7 +105,9 @@ CAUSES: Final = (
 )
 
 #: What ``on_error`` receives: a server error text, an unparseable text frame, or an exception
-#: (a malformed binary frame, a handler failure, a failed connection attempt).
+#: (a malformed binary frame, a handler failure, a failed connection attempt, and last the
+#: :class:`~bridge.kite.retry.AuthError` or :class:`~bridge.kite.retry.RetriesExhausted` that
+#: ``connect()`` is about to raise).
 FeedError: TypeAlias = KiteError | InvalidText | Exception
 
 _SECRET_QUERY = re.compile(r"((?:access_token|enctoken)=)[^&\s\"']+")
@@ -686,6 +688,7 @@ class KiteFeed:
             )
         except AuthError as exc:
             self._log.error("auth_failed", status=exc.status, url=self.redacted_url)
+            self._inbox.put_nowait(_Event("on_error", (exc,)))  # delivered before the drain ends
             raise
         except RetriesExhausted as exc:
             self._log.error(
@@ -693,6 +696,7 @@ class KiteFeed:
                 attempts=exc.attempts,
                 error=f"{type(exc.last_error).__name__}: {exc.last_error}",
             )
+            self._inbox.put_nowait(_Event("on_error", (exc,)))
             raise
         except asyncio.CancelledError:
             dispatcher.cancel()
