@@ -26,6 +26,8 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+from bridge.kite.retry import Backoff
+
 __all__ = ["INNER_RETRIES", "SOCKET_TIMEOUT", "Outage", "create_redis"]
 
 #: Attempts redis-py makes on top of the first before a call fails to our own loops.
@@ -78,8 +80,7 @@ class Outage:
         self.what = what
         self.failures = 0
         self._log = logger
-        self._base_wait = base_wait
-        self._max_wait = max_wait
+        self._backoff = Backoff(base_wait, max_wait, jitter=0)
         self._clock = clock
         self._since = 0.0
 
@@ -95,7 +96,7 @@ class Outage:
                 "redis_unavailable", what=self.what, error=f"{type(error).__name__}: {error}"
             )
         self.failures += 1
-        ceiling = min(self._base_wait * 2.0 ** min(self.failures - 1, 30), self._max_wait)
+        ceiling = self._backoff.nominal(self.failures - 1)
         # Equal jitter: never below half the ceiling, so a dead server is not hammered.
         return ceiling / 2 + random.random() * ceiling / 2
 

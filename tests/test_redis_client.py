@@ -1,0 +1,59 @@
+"""The outer Redis retry layer: waits that grow to a cap, and one log line per outage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bridge.redis_client import Outage
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self.lines.append(("warning", event, kw))
+
+    def info(self, event: str, **kw: Any) -> None:
+        self.lines.append(("info", event, kw))
+
+
+def test_waits_double_up_to_the_cap_and_never_drop_below_half() -> None:
+    outage = Outage("publish", Log(), base_wait=0.1, max_wait=1.0)
+    ceilings = [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+    for ceiling in ceilings:
+        wait = outage.failed(ConnectionError("down"))
+        assert ceiling / 2 <= wait <= ceiling
+    assert outage.failures == len(ceilings)
+    for _ in range(2000):  # far past 2**1024: still capped, no OverflowError
+        assert outage.failed(ConnectionError("down")) <= 1.0
+
+
+def test_one_warning_per_outage_and_one_recovery_line() -> None:
+    log, now = Log(), [100.0]
+    outage = Outage("control", log, clock=lambda: now[0])
+    outage.recovered()  # no outage yet: nothing to say
+    assert outage.failures == 0
+    for _ in range(50):
+        outage.failed(ConnectionError("Connection refused"))
+        now[0] += 1
+    assert outage.active
+    outage.recovered()
+    outage.recovered()
+    assert [(level, event) for level, event, _ in log.lines] == [
+        ("warning", "redis_unavailable"),
+        ("info", "redis_recovered"),
+    ]
+    assert log.lines[0][2] == {"what": "control", "error": "ConnectionError: Connection refused"}
+    assert log.lines[1][2] == {"what": "control", "failures": 50, "outage_seconds": 50.0}
+    assert not outage.active
+    # The next outage starts over from the base wait.
+    assert outage.failed(ConnectionError("down")) <= 0.1
+
+
+@pytest.mark.parametrize(("base_wait", "max_wait"), [(-1.0, 1.0), (2.0, 1.0)])
+def test_nonsense_waits_are_refused(base_wait: float, max_wait: float) -> None:
+    with pytest.raises(ValueError, match="wait"):
+        Outage("status", Log(), base_wait=base_wait, max_wait=max_wait)
