@@ -39,7 +39,7 @@ def test_one_warning_per_outage_and_one_recovery_line() -> None:
     for _ in range(50):
         outage.failed(ConnectionError("Connection refused"))
         now[0] += 1
-    assert outage.active
+    assert outage.active is True
     outage.recovered()
     outage.recovered()
     assert [(level, event) for level, event, _ in log.lines] == [
@@ -48,7 +48,7 @@ def test_one_warning_per_outage_and_one_recovery_line() -> None:
     ]
     assert log.lines[0][2] == {"what": "control", "error": "ConnectionError: Connection refused"}
     assert log.lines[1][2] == {"what": "control", "failures": 50, "outage_seconds": 50.0}
-    assert not outage.active
+    assert outage.failures == 0
     # The next outage starts over from the base wait.
     assert outage.failed(ConnectionError("down")) <= 0.1
 
