@@ -38,7 +38,7 @@ from bridge.config import Settings
 from bridge.control import ControlConsumer
 from bridge.kite.codec import frame_payloads
 from bridge.kite.feed import KiteFeed
-from bridge.kite.messages import KiteError, KiteMessage
+from bridge.kite.messages import KiteError, KiteMessage, OtherMessage
 from bridge.kite.records import Mode
 from bridge.kite.retry import AuthError, RetriesExhausted
 from bridge.metrics import BridgeMetrics, LatencyHistogram, TimedTransport
@@ -531,8 +531,13 @@ class Bridge:
         if isinstance(error, KiteError):
             self.publisher.publish_event(event_json("kite_error", data=error.message))
 
-    def _on_message(self, _feed: KiteFeed, message: KiteMessage) -> None:
-        self.publisher.publish_event(event_json("kite_message", data=message.message))
+    def _on_message(self, _feed: KiteFeed, message: KiteMessage | OtherMessage) -> None:
+        if isinstance(message, KiteMessage):
+            self.publisher.publish_event(event_json("kite_message", data=message.message))
+        else:  # an undocumented type: its data as sent, and the type to tell it apart
+            self.publisher.publish_event(
+                event_json("kite_message", data=message.data, type=message.type)
+            )
 
 
 async def _main(settings: Settings) -> int:

@@ -26,6 +26,7 @@ from bridge.kite import (
     KiteFeed,
     KiteMessage,
     Mode,
+    OtherMessage,
     RetriesExhausted,
     Tick,
     decode_frame,
@@ -51,7 +52,7 @@ class Recorder:
         self.frames: list[bytes] = []
         self.orders: list[dict[str, Any]] = []
         self.errors: list[FeedError] = []
-        self.messages: list[KiteMessage] = []
+        self.messages: list[KiteMessage | OtherMessage] = []
         self.events: list[tuple[Any, ...]] = []
 
     def handlers(self) -> dict[str, Any]:
@@ -395,13 +396,17 @@ async def test_text_frames_reach_their_handlers(sim: Simulator) -> None:
         await sim.send_order(order)
         await sim.send_text('{"type": "error", "data": "max tokens exceeded"}')
         await sim.send_text('{"type": "message", "data": "market closes early"}')
+        await sim.send_text('{"type": "notice", "data": {"level": 2}}')
         await sim.send_text("not json")
         await wait_for(lambda: len(rec.errors) == 2)
     assert rec.orders == [order]
-    assert rec.messages == [KiteMessage("market closes early")]
+    assert rec.messages == [
+        KiteMessage("market closes early"),
+        OtherMessage("notice", {"level": 2}),  # undocumented types are news, not errors
+    ]
     assert rec.errors[0] == KiteError("max tokens exceeded")
     assert isinstance(rec.errors[1], InvalidText)
-    assert feed.stats.text_messages == 4
+    assert feed.stats.text_messages == 5
     assert feed.stats.malformed_frames == 1
 
 

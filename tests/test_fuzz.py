@@ -25,7 +25,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from bridge.commands import Command, parse_command
 from bridge.kite.codec import FrameError, decode_frame, encode_frame, encode_raw_frame
 from bridge.kite.feed import KiteFeed
-from bridge.kite.messages import InvalidText, KiteError, KiteMessage, OrderUpdate, parse_text_frame
+from bridge.kite.messages import (
+    InvalidText,
+    KiteError,
+    KiteMessage,
+    OrderUpdate,
+    OtherMessage,
+    parse_text_frame,
+)
 from bridge.kite.records import LtpTick, Tick
 from bridge.payload import tick_json
 from bridge.publisher import Publisher
@@ -83,6 +90,12 @@ def expected_kind(envelope: dict[str, Any]) -> type:
         return KiteError
     if "data" in envelope and kind == "message" and isinstance(data, str):
         return KiteMessage
+    if (
+        "data" in envelope
+        and isinstance(kind, str)
+        and kind not in ("", "order", "error", "message")
+    ):
+        return OtherMessage  # an undocumented type is passed on, as Aio-Trader v0.2.0 does
     return InvalidText
 
 
@@ -96,6 +109,8 @@ def test_text_frames_follow_the_documented_rule(envelope: dict[str, Any], as_byt
         assert parsed.data == envelope["data"]
     elif isinstance(parsed, KiteError | KiteMessage):
         assert parsed.message == envelope["data"]
+    elif isinstance(parsed, OtherMessage):
+        assert (parsed.type, parsed.data) == (envelope["type"], envelope["data"])
 
 
 TOKEN_LISTS = st.lists(st.integers(1, 2**32 - 1), min_size=1, max_size=8)

@@ -14,6 +14,7 @@ from bridge.kite.messages import (
     KiteError,
     KiteMessage,
     OrderUpdate,
+    OtherMessage,
     mode_message,
     parse_text_frame,
     subscribe_message,
@@ -55,9 +56,10 @@ def test_error_and_message() -> None:
         ("[1, 2]", "not a JSON object but list"),
         ('"order"', "not a JSON object but str"),
         ("null", "not a JSON object but NoneType"),
-        ('{"type": "quote", "data": {}}', "unknown message type 'quote'"),
-        ('{"data": "x"}', "unknown message type None"),
-        ('{"type": ["order"], "data": {}}', "unknown message type"),
+        ('{"data": "x"}', "no message type: 'type' is None"),
+        ('{"type": ["order"], "data": {}}', "no message type: 'type' is ['order']"),
+        ('{"type": "", "data": {}}', "no message type: 'type' is ''"),
+        ('{"type": "quote"}', "quote message has no data"),
         ('{"type": "order"}', "order message has no data"),
         ('{"type": "order", "data": "filled"}', "order data is str, not an object"),
         ('{"type": "order", "data": null}', "order data is NoneType"),
@@ -95,7 +97,20 @@ FRAMES = st.one_of(
 @given(FRAMES)
 def test_parse_never_raises(data: str | bytes) -> None:
     parsed = parse_text_frame(data)
-    assert isinstance(parsed, OrderUpdate | KiteError | KiteMessage | InvalidText)
+    assert isinstance(parsed, OrderUpdate | KiteError | KiteMessage | OtherMessage | InvalidText)
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "data"),
+    [
+        ('{"type": "quote", "data": {}}', "quote", {}),
+        ('{"type": "notice", "data": "market closes early"}', "notice", "market closes early"),
+        ('{"data": [1, 2], "type": "Order"}', "Order", [1, 2]),  # types are case-sensitive
+        ('{"type": "x", "data": null, "extra": 1}', "x", None),
+    ],
+)
+def test_undocumented_types_are_passed_on_not_rejected(text: str, kind: str, data: object) -> None:
+    assert parse_text_frame(text) == OtherMessage(kind, data)
 
 
 def test_records_are_frozen() -> None:

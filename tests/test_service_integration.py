@@ -180,12 +180,16 @@ async def test_commands_ticks_replies_dead_letters_and_reconnect(
     await sim.send_order({"order_id": "151220000000000", "status": "COMPLETE"})
     await sim.send_text('{"type": "error", "data": "too many instruments"}')
     await sim.send_text('{"type": "message", "data": "market closes early"}')
+    await sim.send_text('{"type": "notice", "data": {"segment": "NFO"}}')
     orders = f"{namespace}:orders"
     await wait_until(lambda: any(ch == orders for ch, _ in listener.messages))
     assert next(d for ch, d in listener.messages if ch == orders)["order_id"] == "151220000000000"
-    await wait_until(lambda: bool(listener.events("kite_message")))
+    await wait_until(lambda: len(listener.events("kite_message")) == 2)
     assert listener.events("kite_error")[0]["data"] == "too many instruments"
     assert listener.events("kite_message")[0]["data"] == "market closes early"
+    assert "type" not in listener.events("kite_message")[0]
+    assert listener.events("kite_message")[1]["data"] == {"segment": "NFO"}
+    assert listener.events("kite_message")[1]["type"] == "notice"
 
     # drop -> reconnect -> the same subscriptions, replayed by the bridge
     desired = {NIFTY: "full", BANKNIFTY: "quote", RELIANCE: "quote", SBIN: "ltp"}

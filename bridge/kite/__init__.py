@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from bridge.kite.codec import FrameError, decode_frame, frame_payloads
 from bridge.kite.feed import CAUSES, FeedError, FeedStats, KiteFeed
-from bridge.kite.messages import InvalidText, KiteError, KiteMessage, OrderUpdate
+from bridge.kite.messages import InvalidText, KiteError, KiteMessage, OrderUpdate, OtherMessage
 from bridge.kite.records import Mode, Tick
 from bridge.kite.retry import AuthError, Backoff, RetriesExhausted, retry
 
@@ -24,6 +24,7 @@ __all__ = [
     "KiteMessage",
     "Mode",
     "OrderUpdate",
+    "OtherMessage",
     "RetriesExhausted",
     "Tick",
     "decode_frame",

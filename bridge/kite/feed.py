@@ -61,6 +61,7 @@ from bridge.kite.messages import (
     KiteError,
     KiteMessage,
     OrderUpdate,
+    OtherMessage,
     mode_message,
     parse_text_frame,
     subscribe_message,
@@ -369,7 +370,7 @@ TickHandler: TypeAlias = Callable[["KiteFeed", Any], object]
 FrameDecoder: TypeAlias = Callable[[bytes, list[int]], Sequence[Any]]
 OrderHandler: TypeAlias = Callable[["KiteFeed", dict[str, Any]], object]
 ErrorHandler: TypeAlias = Callable[["KiteFeed", FeedError], object]
-MessageHandler: TypeAlias = Callable[["KiteFeed", KiteMessage], object]
+MessageHandler: TypeAlias = Callable[["KiteFeed", KiteMessage | OtherMessage], object]
 ConnectHandler: TypeAlias = Callable[["KiteFeed"], object]
 DisconnectHandler: TypeAlias = Callable[["KiteFeed", str, int | None, str], object]
 ReconnectHandler: TypeAlias = Callable[["KiteFeed", int, float], object]
@@ -390,7 +391,8 @@ class KiteFeed:
       ``codec.frame_payloads``); the feed still counts ticks, skipped packets and malformed
       frames;
     * ``on_order_update(feed, data)``: the ``data`` dict of an order text frame;
-    * ``on_message(feed, message)``: a :class:`~bridge.kite.messages.KiteMessage`;
+    * ``on_message(feed, message)``: a :class:`~bridge.kite.messages.KiteMessage`, or an
+      :class:`~bridge.kite.messages.OtherMessage` for a type Kite has not documented;
     * ``on_error(feed, error)``: a :data:`FeedError`;
     * ``on_connect(feed)``: after each handshake, once the subscriptions have been replayed;
     * ``on_disconnect(feed, cause, code, reason)``: an established connection ended
@@ -1007,6 +1009,9 @@ class KiteFeed:
             await self._call("on_error", message)
         elif isinstance(message, KiteMessage):
             self._log.info("kite_message", message=message.message)
+            await self._call("on_message", message)
+        elif isinstance(message, OtherMessage):
+            self._log.info("kite_message", type=message.type, size=len(text))
             await self._call("on_message", message)
         else:
             self.stats.malformed_frames += 1

@@ -21,6 +21,7 @@ __all__ = [
     "KiteError",
     "KiteMessage",
     "OrderUpdate",
+    "OtherMessage",
     "TextMessage",
     "mode_message",
     "parse_text_frame",
@@ -54,6 +55,18 @@ class KiteMessage:
 
 
 @dataclass(frozen=True)
+class OtherMessage:
+    """A well-formed envelope of a type Kite has not documented (yet).
+
+    Passed on like Aio-Trader v0.2.0 does (kite-protocol.md §5), not reported as malformed: a
+    new kind of notice from the broker is news, not an error.
+    """
+
+    type: str
+    data: Any
+
+
+@dataclass(frozen=True)
 class InvalidText:
     """A text frame that is not one of the documented messages; ``reason`` says why."""
 
@@ -61,7 +74,7 @@ class InvalidText:
     reason: str
 
 
-TextMessage: TypeAlias = OrderUpdate | KiteError | KiteMessage | InvalidText
+TextMessage: TypeAlias = OrderUpdate | KiteError | KiteMessage | OtherMessage | InvalidText
 
 
 def parse_text_frame(data: str | bytes) -> TextMessage:
@@ -77,11 +90,13 @@ def parse_text_frame(data: str | bytes) -> TextMessage:
     if not isinstance(envelope, dict):
         return InvalidText(raw, f"not a JSON object but {type(envelope).__name__}")
     kind = envelope.get("type")
-    if kind not in ("order", "error", "message"):
-        return InvalidText(raw, f"unknown message type {kind!r}")
+    if not isinstance(kind, str) or not kind:
+        return InvalidText(raw, f"no message type: 'type' is {kind!r}")
     if "data" not in envelope:
         return InvalidText(raw, f"{kind} message has no data")
     payload = envelope["data"]
+    if kind not in ("order", "error", "message"):
+        return OtherMessage(kind, payload)
     if kind == "order":
         if isinstance(payload, dict):
             return OrderUpdate(payload)
