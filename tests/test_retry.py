@@ -317,9 +317,50 @@ async def test_decorator_stops_on_403() -> None:
         calls += 1
         raise status(403)
 
-    with pytest.raises(AuthError):
+    with pytest.raises(InvalidStatus) as caught:  # caught as websockets reports a 403, too
         await connect()
+    assert isinstance(caught.value, AuthError)
+    assert caught.value.response.status_code == 403
     assert calls == 1
+
+
+def test_auth_error_keeps_the_servers_response() -> None:
+    response = Response(403, "Forbidden", Headers([("X-Reason", "expired")]), b"token expired")
+    error = auth_error(InvalidStatus(response))
+    assert error is not None
+    assert error.response is response
+    assert error.status == 403
+    assert str(error) == "handshake rejected with HTTP 403: token expired or invalid"
+    assert AuthError().response.status_code == 403  # one made without a response has one too
+
+
+async def test_bare_decorator_wraps_with_the_defaults() -> None:
+    calls = 0
+
+    @retry
+    async def connect(ok: bool) -> str:
+        """Connect."""
+        nonlocal calls
+        calls += 1
+        if not ok:
+            raise status(403)
+        return "ok"
+
+    assert await connect(True) == "ok"
+    with pytest.raises(AuthError):  # the 403 became AuthError: retry_call's policy applied
+        await connect(False)
+    assert calls == 2
+    assert (connect.__name__, connect.__doc__) == ("connect", "Connect.")
+
+
+def test_plain_functions_are_refused_when_decorated() -> None:
+    def not_async() -> int:
+        return 1
+
+    with pytest.raises(TypeError, match=r"async functions; .*not_async"):
+        retry()(not_async)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="async functions"):
+        retry(not_async)  # type: ignore[arg-type]
 
 
 def test_decorator_defaults_match_aio_trader() -> None:
@@ -328,3 +369,5 @@ def test_decorator_defaults_match_aio_trader() -> None:
     assert params["max_wait"].default == 60
     with pytest.raises(ValueError, match="max_retries"):
         retry(-1)
+    with pytest.raises(ValueError, match="max_retries"):
+        retry(True)

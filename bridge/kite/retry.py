@@ -26,9 +26,11 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final, ParamSpec, TypeVar
+from typing import Final, ParamSpec, TypeVar, overload
 
+from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
+from websockets.http11 import Response
 
 __all__ = [
     "AuthError",
@@ -51,17 +53,27 @@ AUTH_STATUS: Final = 403
 OnRetry = Callable[[int, float, Exception], object]
 
 
-class AuthError(Exception):
+class AuthError(InvalidStatus):
     """The server refused the handshake with HTTP 403: the token is expired or invalid.
 
-    Final by design: a new token is needed, so the caller must log in again.
+    Final by design: a new token is needed, so the caller must log in again. A subclass of
+    websockets' :class:`~websockets.exceptions.InvalidStatus` carrying the server's response,
+    so code that catches the 403 as websockets reports it (``except InvalidStatus``,
+    ``error.response.status_code``) still does.
     """
 
-    def __init__(self, status: int = AUTH_STATUS, message: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int = AUTH_STATUS,
+        message: str | None = None,
+        response: Response | None = None,
+    ) -> None:
+        super().__init__(response or Response(status, "Forbidden", Headers()))
         self.status = status
-        super().__init__(
-            message or f"handshake rejected with HTTP {status}: token expired or invalid"
-        )
+        self.message = message or f"handshake rejected with HTTP {status}: token expired or invalid"
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class RetriesExhausted(Exception):
@@ -81,7 +93,7 @@ def auth_error(exc: BaseException) -> AuthError | None:
     if isinstance(exc, AuthError):
         return exc
     if isinstance(exc, InvalidStatus) and exc.response.status_code == AUTH_STATUS:
-        return AuthError(AUTH_STATUS)
+        return AuthError(AUTH_STATUS, response=exc.response)
     return None
 
 
@@ -166,6 +178,13 @@ async def retry_call(
             await sleep(wait)
 
 
+@overload
+def retry(
+    max_retries: Callable[P, Awaitable[T]],
+) -> Callable[P, Awaitable[T]]: ...
+
+
+@overload
 def retry(
     max_retries: int = 50,
     base_wait: float = 2,
@@ -177,17 +196,41 @@ def retry(
     on_retry: OnRetry | None = None,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
-) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
+) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]: ...
+
+
+def retry(
+    max_retries: int | Callable[P, Awaitable[T]] = 50,
+    base_wait: float = 2,
+    max_wait: float = 60,
+    *,
+    reset_after: float = 30,
+    jitter: float = 0.1,
+    retryable: Callable[[Exception], bool] | None = None,
+    on_retry: OnRetry | None = None,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> Callable[P, Awaitable[T]] | Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
     """Decorate an async function or method so failed calls are retried (see the module doc).
 
     Same signature and defaults as Aio-Trader's ``retry``; the keyword-only arguments add the
     stability reset, jitter, a retry hook, and injectable ``sleep``/``clock`` for tests.
+    ``@retry`` without parentheses means the defaults. A plain (non-async) function is refused
+    when decorated: its result could only fail when awaited, after it had already run.
     """
-    if max_retries < 0:
-        raise ValueError(f"max_retries must be >= 0, not {max_retries}")
+    if callable(max_retries):
+        return retry()(max_retries)
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max_retries must be an int >= 0, not {max_retries!r}")
     policy = Backoff(float(base_wait), float(max_wait), jitter)
 
     def decorate(func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        if not inspect.iscoroutinefunction(func):
+            raise TypeError(
+                f"retry() decorates async functions; {getattr(func, '__qualname__', func)!r} "
+                "is not one"
+            )
+
         @functools.wraps(func)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
             return await retry_call(
