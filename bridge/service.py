@@ -37,7 +37,7 @@ from bridge.commands import MAX_TOKENS
 from bridge.config import Settings
 from bridge.control import ControlConsumer
 from bridge.kite.codec import frame_payloads
-from bridge.kite.feed import KiteFeed
+from bridge.kite.feed import LOGGER_NAME, KiteFeed
 from bridge.kite.messages import KiteError, KiteMessage, OtherMessage
 from bridge.kite.records import Mode
 from bridge.kite.retry import AuthError, RetriesExhausted
@@ -190,6 +190,7 @@ class Bridge:
             max_wait=s.max_wait,
             liveness_timeout=s.liveness_timeout,
             decoder=frame_payloads,
+            logger=structlog.get_logger(LOGGER_NAME),  # the service's JSON/console set-up
         )
 
     def _wire(self, feed: KiteFeed) -> None:

@@ -139,6 +139,8 @@ def modes_seen(ticks: list[Tick]) -> dict[int, set[str]]:
         ({}, "access_token or enctoken"),
         ({"enctoken": "e"}, "user_id"),
         ({"access_token": "t"}, "api_key"),
+        ({"access_token": "t", "api_key": None}, "api_key must be a non-empty string, not None"),
+        ({"access_token": "t", "api_key": ""}, "api_key must be a non-empty string"),
     ],
 )
 def test_credential_rules(kwargs: dict[str, Any], message: str) -> None:
@@ -839,11 +841,57 @@ async def test_no_secret_in_any_log_line(sim: Simulator, caplog: pytest.LogCaptu
     assert not [line for line in lines if TOKEN in line]
 
 
-async def test_stdlib_logger_is_accepted(sim: Simulator, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="aio")
-    feed = make_feed(sim.url, logger=logging.getLogger("aio"))
+@pytest.mark.parametrize("kind", ["logger", "adapter", "default"])
+async def test_stdlib_loggers_are_accepted(
+    sim: Simulator, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    """A stdlib logger (Aio-Trader's way), a LoggerAdapter, or none: stdlib logging it is."""
+    name = {"logger": "aio", "adapter": "aio", "default": "bridge.kite.feed"}[kind]
+    caplog.set_level(logging.INFO, logger=name)
+    logger: Any = {
+        "logger": logging.getLogger("aio"),
+        "adapter": logging.LoggerAdapter(logging.getLogger("aio"), {"app": "x"}),
+        "default": None,
+    }[kind]
+
+    def broken(feed: KiteFeed, ticks: Any) -> None:
+        raise RuntimeError("strategy bug")
+
+    feed = make_feed(sim.url, logger=logger, on_tick=broken)
     async with running(feed):
-        await wait_for(lambda: feed.connected)
-    messages = [record.getMessage() for record in caplog.records if record.name == "aio"]
-    assert any(message.startswith("event='connected'") for message in messages)
+        await feed.subscribe_symbols([INFY], "ltp")
+        await wait_for(lambda: feed.stats.handler_errors >= 1)
+    records = [record for record in caplog.records if record.name == name]
+    messages = [record.getMessage() for record in records]
+    assert any(message.startswith("connected url=") for message in messages), messages
     assert not [message for message in messages if TOKEN in message]
+    # A handler's exception reaches logging as exc_info, not flattened into the message.
+    [failed, *_] = [record for record in records if record.getMessage().startswith("handler_")]
+    assert failed.levelno == logging.ERROR
+    assert failed.getMessage() == "handler_failed handler='on_tick'"
+    assert failed.exc_info is not None
+    assert isinstance(failed.exc_info[1], RuntimeError)
+
+
+def test_a_feed_can_be_reused_under_a_new_event_loop() -> None:
+    """Two ``asyncio.run()`` calls, one feed: the second connects like the first."""
+    rec = Recorder()
+    port = free_port()
+
+    async def session(feed: KiteFeed | None) -> KiteFeed:
+        simulator = Simulator(access_tokens={TOKEN}, api_keys={KEY}, port=port, tick_interval=0.02)
+        async with simulator as sim:
+            if feed is None:
+                feed = make_feed(sim.url, rec)
+            await feed.subscribe_symbols([SBIN], mode="ltp")
+            async with running(feed):
+                await wait_for(lambda: feed.connected)
+                ticks = len(rec.ticks)
+                await wait_for(lambda: len(rec.ticks) > ticks)
+            assert sim.handshakes[-1].status == 101
+        return feed
+
+    feed = asyncio.run(session(None))
+    asyncio.run(session(feed))
+    assert rec.count("connect") == 2
+    assert feed.stats.connections == 2

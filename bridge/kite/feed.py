@@ -348,18 +348,35 @@ def _batches(tokens: list[int], size: int) -> Iterable[list[int]]:
     return (tokens[start : start + size] for start in range(0, len(tokens), size))
 
 
+#: The stdlib logger a feed logs to when given none (as Aio-Trader does).
+LOGGER_NAME: Final = "bridge.kite.feed"
+
+
+class _StdlibRenderer:
+    """structlog's last step for a stdlib logger: ``"event key=value ..."`` as the message, and
+    ``exc_info`` handed to :mod:`logging` as such, so formatters and error trackers get the
+    exception rather than a traceback flattened into the text."""
+
+    def __init__(self) -> None:
+        self._pairs = structlog.processors.KeyValueRenderer()
+
+    def __call__(
+        self, logger: Any, method: str, event_dict: structlog.typing.EventDict
+    ) -> tuple[tuple[str], dict[str, Any]]:
+        exc_info = event_dict.pop("exc_info", None)
+        event = str(event_dict.pop("event", ""))
+        message = f"{event} {self._pairs(logger, method, event_dict)}" if event_dict else event
+        return (message,), ({"exc_info": exc_info} if exc_info else {})
+
+
 def _make_logger(logger: Any) -> Any:
+    """What the feed logs through: stdlib loggers (and adapters) are wrapped, anything else is
+    taken to be a structlog-style logger (keyword arguments as context)."""
     if logger is None:
-        return structlog.get_logger(__name__)
-    if isinstance(logger, logging.Logger):
-        # Aio-Trader takes a stdlib logger: keep our key=value context readable in it.
+        logger = logging.getLogger(LOGGER_NAME)
+    if isinstance(logger, logging.Logger | logging.LoggerAdapter):
         return structlog.wrap_logger(
-            logger,
-            wrapper_class=structlog.stdlib.BoundLogger,
-            processors=[
-                structlog.processors.format_exc_info,
-                structlog.processors.KeyValueRenderer(key_order=["event"]),
-            ],
+            logger, wrapper_class=structlog.stdlib.BoundLogger, processors=[_StdlibRenderer()]
         )
     return logger
 
@@ -435,6 +452,10 @@ class KiteFeed:
             raise ValueError("user_id is required with enctoken")
         if access_token and api_key == _KITEFRONT:
             raise ValueError(f"access_token needs your Kite Connect api_key, not {_KITEFRONT!r}")
+        if not isinstance(api_key, str) or not api_key:
+            # e.g. api_key=os.getenv("KITE_API_KEY") with the variable unset: say so here, not
+            # as a 403 "token expired" from the server later.
+            raise ValueError(f"api_key must be a non-empty string, not {api_key!r}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, not {max_retries}")
         if not liveness_timeout > 0 or not connect_timeout > 0:
@@ -490,6 +511,7 @@ class KiteFeed:
         self._drop_logged_at = -1e9
         self._dispatcher: asyncio.Task[None] | None = None
         self._runner: asyncio.Task[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ----------------------------------------------------------------------------------------
     # Introspection
@@ -673,6 +695,7 @@ class KiteFeed:
         """
         if self._runner is not None:
             raise RuntimeError("connect() is already running")
+        self._bind_loop()
         self._runner = asyncio.current_task()
         self._stopped.clear()
         self._inbox = _Inbox(self._queue_size, self._queue_bytes)
@@ -716,6 +739,26 @@ class KiteFeed:
             self._closing.clear()
             self._stopped.set()
         self._log.info("feed_closed", frames=self.stats.frames, reconnects=self.stats.reconnects)
+
+    def _bind_loop(self) -> None:
+        """Give a feed reused under a new event loop (a second ``asyncio.run()``) new primitives.
+
+        asyncio's Event and Lock belong to the loop that first waited on them; reused from
+        another loop they fail, and the feed would read that as a close. A pending ``close()``
+        carries over.
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        if self._loop is not None:
+            closing = self._closing.is_set()
+            self._lock = asyncio.Lock()
+            self._closing = asyncio.Event()
+            if closing:
+                self._closing.set()
+            self._stopped = asyncio.Event()
+            self._stopped.set()
+        self._loop = loop
 
     async def close(self) -> None:
         """Stop the feed: close the socket (code 1000), stop retrying, let ``connect()`` return.
