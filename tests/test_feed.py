@@ -32,6 +32,7 @@ from bridge.kite import (
     decode_frame,
     frame_payloads,
 )
+from bridge.kite import feed as feed_module
 from bridge.kite.feed import _Event, _Inbox
 from bridge.kite.records import FullTick, IndexFullTick, LtpTick, QuoteTick
 from bridge.simulator.server import Simulator
@@ -464,6 +465,41 @@ async def test_handler_exceptions_do_not_kill_the_feed(sim: Simulator) -> None:
     failed = [entry for entry in cap.entries if entry["event"] == "handler_failed"]
     assert {entry["handler"] for entry in failed} == {"on_tick", "on_order_update", "on_error"}
     assert all(isinstance(entry["exc_info"], Exception) for entry in failed)
+
+
+async def test_a_handler_failing_on_every_frame_does_not_flood_the_log(
+    sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(feed_module, "_FAILURE_LOG_INTERVAL", 0.3)
+    calls = 0
+
+    def bad_tick(feed: KiteFeed, ticks: list[Tick]) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("boom")
+
+    cap = LogCapture()
+    errors: list[FeedError] = []
+    feed = make_feed(
+        sim.url,
+        on_tick=bad_tick,
+        on_error=lambda feed, error: errors.append(error),
+        logger=structlog.wrap_logger(None, processors=[cap]),
+    )
+    async with running(feed):
+        await feed.subscribe_symbols([INFY], "quote")
+        await wait_for(lambda: calls >= 5)
+        first = [entry for entry in cap.entries if entry["event"] == "handler_failed"]
+        assert len(first) == 1  # five failures, one traceback
+        assert "not_logged" not in first[0]
+        await asyncio.sleep(0.35)
+        calls_then = calls
+        await wait_for(lambda: calls > calls_then)
+    failed = [entry for entry in cap.entries if entry["event"] == "handler_failed"]
+    assert 2 <= len(failed) < calls
+    assert failed[1]["not_logged"] >= 4  # the ones in between are counted, not lost
+    assert sum(entry.get("not_logged", 0) for entry in failed) + len(failed) <= calls
+    assert feed.stats.handler_errors == calls == len(errors)  # every one counted and reported
 
 
 async def test_async_handlers_and_attribute_assignment(sim: Simulator) -> None:

@@ -111,6 +111,9 @@ CAUSES: Final = (
 #: ``connect()`` is about to raise).
 FeedError: TypeAlias = KiteError | InvalidText | Exception
 
+#: At most one logged traceback per handler in this many seconds (the rest are counted).
+_FAILURE_LOG_INTERVAL: Final = 10.0
+
 _SECRET_QUERY = re.compile(r"((?:access_token|enctoken)=)[^&\s\"']+")
 
 
@@ -399,8 +402,8 @@ class KiteFeed:
     Handlers are plain functions or coroutine functions, given to the constructor or assigned
     later (``feed.on_tick = fn``); all run on one dispatcher task, in arrival order, and a
     coroutine handler is awaited before the next frame is handed out. A handler that raises is
-    logged with its traceback, counted in ``stats.handler_errors`` and reported to
-    ``on_error``; the feed carries on.
+    counted in ``stats.handler_errors``, reported to ``on_error`` and logged with its traceback
+    (at most once per 10 s per handler); the feed carries on.
 
     * ``on_tick(feed, ticks)``: a non-empty ``list[Tick]`` per binary frame, or with
       ``parse_data=False`` the raw ``bytes`` of each frame (heartbeats are never delivered).
@@ -509,6 +512,8 @@ class KiteFeed:
         self._stopped.set()
         self._inbox = _Inbox(queue_size, queue_bytes)
         self._drop_logged_at = -1e9
+        # handler name -> (when its failure was last logged, failures not logged since)
+        self._failure_log: dict[str, tuple[float, int]] = {}
         self._dispatcher: asyncio.Task[None] | None = None
         self._runner: asyncio.Task[Any] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1078,7 +1083,25 @@ class KiteFeed:
             await self._handler_failed(name, exc)
 
     async def _handler_failed(self, name: str, exc: Exception) -> None:
+        """Count, log and report a handler's exception.
+
+        A handler that fails on every frame would log thousands of tracebacks a second: each
+        handler's first failure is logged with its traceback, then at most one every
+        ``_FAILURE_LOG_INTERVAL`` seconds, saying how many were not logged in between. Every
+        failure is still counted and reported to ``on_error``.
+        """
         self.stats.handler_errors += 1
-        self._log.error("handler_failed", handler=name, exc_info=exc)
+        now = time.monotonic()
+        logged_at, suppressed = self._failure_log.get(name, (-1e18, 0))
+        if now - logged_at >= _FAILURE_LOG_INTERVAL:
+            self._failure_log[name] = (now, 0)
+            self._log.error(
+                "handler_failed",
+                handler=name,
+                exc_info=exc,
+                **({"not_logged": suppressed} if suppressed else {}),
+            )
+        else:
+            self._failure_log[name] = (logged_at, suppressed + 1)
         if name != "on_error":
             await self._call("on_error", exc)
