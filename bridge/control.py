@@ -384,11 +384,14 @@ class ControlConsumer:
     def decide(self, raw: bytes, current: Mapping[int, Mode]) -> Outcome:
         """Parse and apply ``raw`` to ``current``: pure, never raises."""
         snapshot = dict(current)
+        command = None
         try:
             command = parse_command(raw, self._default_mode)
             desired = apply_command(snapshot, command, max_tokens=self._max_tokens)
         except CommandError as exc:
-            return self._rejected(raw, snapshot, exc.reason, exc.id)
+            # A well-formed command refused by the rules (e.g. the 3000 limit) keeps its action.
+            action = command.action if command is not None else None
+            return self._rejected(raw, snapshot, exc.reason, exc.id, action)
         except Exception as exc:
             # A bug in the parser must not turn one bad command into a poison pill.
             _log.exception("command_internal_error", command=_preview(raw))
@@ -415,10 +418,15 @@ class ControlConsumer:
         except Exception as exc:
             _log.exception("command_internal_error", command=_preview(raw))
             return self._rejected(raw, None, f"internal error: {type(exc).__name__}", None)
-        return self._rejected(raw, None, reason, command.id or command_id)
+        return self._rejected(raw, None, reason, command.id or command_id, command.action)
 
     def _rejected(
-        self, raw: bytes, current: dict[int, Mode] | None, reason: str, command_id: str | None
+        self,
+        raw: bytes,
+        current: dict[int, Mode] | None,
+        reason: str,
+        command_id: str | None,
+        action: str | None = None,
     ) -> Outcome:
         result = command_result(raw, ok=False, id=command_id, error=reason, subscriptions=current)
         return Outcome(
@@ -426,6 +434,7 @@ class ControlConsumer:
             result=result,
             desired={} if current is None else current,
             changed=False,
+            action=action,
             id=command_id,
             error=reason,
             dead=dead_letter(raw, reason),
@@ -473,8 +482,10 @@ class ControlConsumer:
             pipe.lrem(self.processing_key, 1, raw)  # type: ignore[arg-type]  # bytes are fine
             writes.tag(ACKNOWLEDGEMENT, self.processing_key)
             failures = writes.failures(await pipe.execute(raise_on_error=False))
-        if outcome.changed and not any(f.write == SUBSCRIPTIONS for f in failures):
-            self._store.remember(outcome.desired)
+            # Before any other await: the subscriptions guard must not take our own write
+            # for an outside edit.
+            if outcome.changed and not any(f.write == SUBSCRIPTIONS for f in failures):
+                self._store.remember(outcome.desired)
         return failures
 
     def _queue_dead_letter(self, pipe: Pipeline, dead: bytes) -> None:

@@ -207,6 +207,17 @@ class TokenActivity:
         for token, _ in payloads:
             last[token] = now
 
+    def notice(self, subscribed: Iterable[int]) -> None:
+        """Start the silence clock of subscribed tokens that have not ticked yet.
+
+        Called every second by the service, so a token that never ticks is reported
+        ``silent_after`` seconds after it was subscribed, not after the first scrape.
+        """
+        now, last, noticed = self._clock(), self.last_tick, self._noticed
+        for token in subscribed:
+            if token not in last and token not in noticed:
+                noticed[token] = now
+
     def silence(
         self, subscribed: Iterable[int], silent_after: float, since: float | None = None
     ) -> Silence:

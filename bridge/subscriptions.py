@@ -75,6 +75,11 @@ class SubscriptionStore:
         #: How many times a restarted Redis server's lost set was written back.
         self.restored = 0
 
+    @property
+    def known(self) -> Mapping[int, Mode]:
+        """The set this process last read from or wrote to Redis."""
+        return self._known
+
     async def load(self) -> dict[int, Mode]:
         """The desired set; rewritten from memory if a restarted Redis server lost it."""
         server_id = await self._current_server_id()

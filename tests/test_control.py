@@ -145,6 +145,22 @@ async def test_text_commands_of_every_kind(
     assert consumer.stats.applied == 6
     assert consumer.stats.by_action == {"subscribe": 2, "mode": 1, "unsubscribe": 2, "list": 1}
 
+    # Rejected: well-formed ones keep their action, only unparseable ones count as invalid.
+    result = await run_one(redis, consumer, "mode ltp 99")  # not subscribed
+    assert result["ok"] is False
+    result = await run_one(redis, consumer, "subscribe full " + " ".join(map(str, range(1, 3002))))
+    assert result["ok"] is False
+    result = await run_one(redis, consumer, "subscribe sideways 1")
+    assert result["ok"] is False
+    assert consumer.stats.rejected == 3
+    assert consumer.stats.by_action == {
+        "subscribe": 3,
+        "mode": 2,
+        "unsubscribe": 2,
+        "list": 1,
+        "invalid": 1,
+    }
+
 
 async def test_json_command_with_id_gets_a_reply_that_expires(
     redis: Redis, consumer: ControlConsumer, events: PubSub

@@ -150,6 +150,17 @@ def test_a_token_that_never_ticked_is_silent_from_when_it_was_first_seen() -> No
     assert activity.silence([7], silent_after=10, since=0.0).tokens == pytest.approx({7: 11})
 
 
+def test_notice_starts_the_clock_of_tokens_that_never_ticked() -> None:
+    clock = Clock()
+    activity = TokenActivity(clock)
+    activity.observe([(1, b"")])
+    activity.notice([1, 2])  # 2 subscribed now, no tick yet; 1 has its tick time already
+    clock.now += 61
+    activity.notice([1, 2, 3])  # a later notice does not restart the clock of 2
+    found = activity.silence([1, 2, 3], silent_after=60, since=0.0)
+    assert found.tokens == pytest.approx({1: 61, 2: 61})  # 3 was only just subscribed
+
+
 def test_unsubscribed_tokens_are_forgotten() -> None:
     clock = Clock()
     activity = TokenActivity(clock)

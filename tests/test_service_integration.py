@@ -253,6 +253,35 @@ async def test_restart_restores_subscriptions_and_requeues_unfinished_commands(
     assert code == 0
 
 
+async def test_a_hand_edit_of_the_desired_set_is_followed_within_seconds(
+    start_bridge: StartBridge, sim: Simulator, redis: Redis, namespace: str
+) -> None:
+    """Redis owns the set: editing the hash directly moves the feed too, and is logged."""
+    bridge = await start_bridge(BRIDGE_SUBSCRIBE=f"full:{NIFTY},{SBIN}")
+    await sim.wait_for(lambda: sim.subscriptions() == {NIFTY: "full", SBIN: "full"}, 10)
+    connection = max(sim.connections)
+    key = f"{namespace}:subscriptions"
+    await redis.hset(key, mapping={str(RELIANCE): "ltp", str(SBIN): "quote", "junk": "full"})
+    await redis.hdel(key, str(NIFTY))
+    await sim.wait_for(lambda: sim.subscriptions() == {RELIANCE: "ltp", SBIN: "quote"}, 5)
+    assert max(sim.connections) == connection  # no reconnect needed
+    # An ordinary command afterwards is not mistaken for an outside edit.
+    await command(redis, namespace, {"id": "c", "action": "unsubscribe", "tokens": [SBIN]})
+    await sim.wait_for(lambda: sim.subscriptions() == {RELIANCE: "ltp"}, 5)
+    await asyncio.sleep(1.5)  # a guard round or more after the command
+    code, _ = await bridge.stop()
+    assert code == 0
+    followed = [
+        orjson.loads(line)
+        for line in bridge.log.read_text().splitlines()
+        if '"subscriptions_followed"' in line
+    ]
+    assert [(f["added"], f["removed"], f["mode_changed"]) for f in followed] in (
+        [(1, 1, 1)],  # both edits seen in one guard round
+        [(1, 0, 1), (0, 1, 0)],  # or the HSET first, then the HDEL
+    )
+
+
 async def test_expired_token_exits_3_quickly(
     start_bridge: StartBridge, sim: Simulator, redis: Redis, namespace: str, listener: Listener
 ) -> None:
