@@ -12,12 +12,14 @@ Decisions beyond the contract:
   integers or strings of decimal digits (``true``/``false`` and floats are rejected).
 * A token repeated within one command counts once.
 * JSON keys other than ``id``, ``action``, ``mode``, ``tokens`` and ``all`` are rejected, so a
-  typo such as ``"mdoe"`` cannot silently fall back to the default mode.
+  typo such as ``"mdoe"`` cannot silently fall back to the default mode; so is a key given
+  twice, which JSON parsers would silently resolve to the last value.
 * A command is at most 64 KiB.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -175,6 +177,29 @@ def _json_id(obj: Mapping[str, Any]) -> str | None:
     raise CommandError(f"bad id {_show(raw_id)}: at most 64 characters of A-Z a-z 0-9 _ . -")
 
 
+class _Duplicate(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Duplicate(key)
+        seen[key] = value
+    return seen
+
+
+def _duplicate_key(text: str) -> str | None:
+    """The first key given twice in any object of ``text`` (valid JSON), or None."""
+    try:
+        json.loads(text, object_pairs_hook=_reject_duplicates)
+    except _Duplicate as exc:
+        return exc.key
+    return None
+
+
 def _parse_json(text: str, default_mode: Mode) -> Command:
     try:
         obj = orjson.loads(text)
@@ -182,6 +207,11 @@ def _parse_json(text: str, default_mode: Mode) -> Command:
         raise CommandError(f"invalid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise CommandError("a JSON command must be an object")
+    duplicate = _duplicate_key(text)
+    if duplicate is not None:
+        # {"action": "subscribe", ..., "action": "unsubscribe"}: JSON parsers keep the last,
+        # the operator may have meant the first. Refuse rather than guess (no reply id either).
+        raise CommandError(f"duplicate key {_show(duplicate)}: give each key once")
     command_id = _json_id(obj)
     try:
         unknown = sorted(set(obj) - _JSON_KEYS)

@@ -118,6 +118,11 @@ def test_json_commands(payload: dict[str, object], expected: Command) -> None:
         ('{"action": "list", "mode": "full"}', "list takes no mode"),
         ('{"id": "has space", "action": "list"}', "bad id 'has space'"),
         ('{"id": 5, "action": "list"}', "bad id 5"),
+        (
+            '{"action": "subscribe", "tokens": [1], "action": "unsubscribe"}',
+            "duplicate key 'action'",
+        ),
+        ('{"id": "x", "id": "y", "action": "list"}', "duplicate key 'id'"),
         ('{"id": "' + "a" * 65 + '", "action": "list"}', "bad id"),
     ],
 )
