@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -46,8 +47,9 @@ from pydantic_settings import (
 from redis.connection import parse_url
 
 from bridge.commands import MAX_TOKENS, CommandError, parse_mode, parse_token
+from bridge.kite.feed import check_url
 from bridge.kite.records import Mode
-from bridge.logs import LOG_LEVELS, redact_text
+from bridge.logs import LOG_LEVELS, MASK, redact_text
 
 __all__ = [
     "CONFIG_ENV",
@@ -61,6 +63,12 @@ __all__ = [
 
 #: Environment variable naming the TOML file.
 CONFIG_ENV: Final = "BRIDGE_CONFIG"
+#: The command-line option naming the TOML file (``bridge run --config``), which wins over
+#: ``BRIDGE_CONFIG``; errors about a file named by it name it.
+CONFIG_OPTION: Final = "--config"
+#: Upper bound of ``max_retries``: enough for weeks of retrying, and it keeps the value a sane
+#: integer (JSON, metrics) rather than an arbitrarily large one.
+MAX_RETRIES_LIMIT: Final = 1_000_000
 #: Read when it exists and nothing else names a file; relative to the working directory.
 DEFAULT_CONFIG_FILE: Final = Path("config/bridge.toml")
 DOTENV_FILE: Final = Path(".env")
@@ -95,9 +103,10 @@ class Settings(BaseSettings):
     default_mode: Mode = "quote"
     #: token -> mode, merged into the stored set at start-up.
     subscribe: dict[int, Mode] = Field(default_factory=dict)
-    max_retries: int = Field(default=50, ge=0)
-    base_wait: float = Field(default=2.0, gt=0)
-    max_wait: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=50, ge=0, le=MAX_RETRIES_LIMIT)
+    # Floats are finite: inf would disable a timeout silently, nan compares false to everything.
+    base_wait: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+    max_wait: float = Field(default=60.0, gt=0, allow_inf_nan=False)
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     #: ``/healthz``, ``/readyz``, ``/metrics``; 0 disables the HTTP server.
@@ -105,10 +114,10 @@ class Settings(BaseSettings):
     #: Address the HTTP endpoint binds: all interfaces (containers) by default.
     http_host: str = Field(default="0.0.0.0", min_length=1)
     #: Seconds without any frame (ticks or heartbeats) before a connected feed is declared dead.
-    liveness_timeout: float = Field(default=5.0, gt=0)
+    liveness_timeout: float = Field(default=5.0, gt=0, allow_inf_nan=False)
     #: Seconds the oldest unpublished frame may wait while the bridge paces itself to Redis
     #: (completeness); past it, the newest tick per instrument wins (freshness). publisher.py.
-    max_lag: float = Field(default=0.25, gt=0)
+    max_lag: float = Field(default=0.25, gt=0, allow_inf_nan=False)
 
     _config_file: Path | None = PrivateAttr(default=None)
 
@@ -140,8 +149,8 @@ class Settings(BaseSettings):
         dotenv = _read_dotenv()
         toml = _LOADED_TOML.get()
         if toml is None:  # constructed directly rather than by load_settings
-            path = _config_path(None, dotenv)
-            toml = _read_toml(path) if path else {}
+            path, name = _config_path(None, dotenv)
+            toml = _read_toml(path, name) if path else {}
         return (
             init_settings,
             _MappingSource(settings_cls, _env_values(os.environ)),
@@ -149,7 +158,7 @@ class Settings(BaseSettings):
             _MappingSource(settings_cls, toml),
         )
 
-    @field_validator("kite_api_key", "namespace")
+    @field_validator("kite_api_key", "namespace", "http_host")
     @classmethod
     def _no_spaces(cls, value: str) -> str:
         value = value.strip()
@@ -175,7 +184,9 @@ class Settings(BaseSettings):
             expected = ", ".join(f"{scheme}://" for scheme in schemes)
             raise ValueError(f"expected a URL starting with {expected}")
         if info.field_name == "redis_url":
-            parse_url(value)  # type: ignore[no-untyped-call]  # redis-py's own check (port, db, options), now rather than at run
+            _check_redis_url(value)
+        else:
+            check_url(value)  # the feed's own check (host, port, no query), now not at run
         return value
 
     @field_validator(
@@ -289,27 +300,57 @@ def _env_values(environ: Mapping[str, str | None]) -> dict[str, str]:
     return {field: value for env, field in _FIELD_OF_ENV.items() if (value := upper.get(env))}
 
 
+def _check_redis_url(url: str) -> None:
+    """redis-py's own check (port, options), now rather than at run, and the database number.
+
+    redis-py ignores a path that is not a number (``/xyz`` means db 0), so that is checked here.
+    """
+    parse_url(url)  # type: ignore[no-untyped-call]  # redis-py has no annotations
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "unix" and not re.fullmatch(r"/?|/[0-9]+", parts.path):
+        raise ValueError("the path must be empty or a database number such as /0")
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+
+
 def _read_dotenv() -> dict[str, str | None]:
-    return dotenv_values(DOTENV_FILE) if DOTENV_FILE.is_file() else {}
+    if not DOTENV_FILE.is_file():
+        return {}
+    try:
+        return dotenv_values(DOTENV_FILE)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{DOTENV_FILE} (working directory): {_not_utf8(exc)}") from None
+    except OSError as exc:
+        raise ConfigError(f"{DOTENV_FILE} (working directory): cannot read it: {exc}") from None
 
 
-def _config_path(explicit: str | Path | None, dotenv: Mapping[str, str | None]) -> Path | None:
-    """The TOML file to read: ``explicit``, else ``BRIDGE_CONFIG``, else the default if present."""
+def _config_path(
+    explicit: str | Path | None, dotenv: Mapping[str, str | None]
+) -> tuple[Path | None, str]:
+    """The TOML file to read (``explicit``, else ``BRIDGE_CONFIG``, else the default if present)
+    and the name errors about it give: ``--config`` for ``explicit``, else ``BRIDGE_CONFIG``."""
+    name = CONFIG_OPTION if explicit else CONFIG_ENV
     named = explicit or os.environ.get(CONFIG_ENV) or dotenv.get(CONFIG_ENV)
     if not named:
-        return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+        return (DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None), name
     path = Path(named)
+    if not path.exists():
+        raise ConfigError(f"{name}: config file {str(path)!r} does not exist")
     if not path.is_file():
-        raise ConfigError(f"{CONFIG_ENV}: config file {str(path)!r} does not exist")
-    return path
+        raise ConfigError(f"{name}: config file {str(path)!r} is not a file")
+    return path, name
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, name: str = CONFIG_ENV) -> dict[str, Any]:
     try:
         with path.open("rb") as file:
             data = tomllib.load(file)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{name}: cannot read {str(path)!r}: {_not_utf8(exc)}") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{CONFIG_ENV}: cannot read {str(path)!r}: {exc}") from None
+        raise ConfigError(f"{name}: cannot read {str(path)!r}: {exc}") from None
     for key in data:
         if key not in Settings.model_fields:
             hint = difflib.get_close_matches(key, Settings.model_fields, n=1)
@@ -370,6 +411,25 @@ def _token_list(value: Any) -> list[int]:
     return [parse_token(item) for item in value]
 
 
+#: A quoted fragment of an error message: 'x', not the apostrophe of "isn't".
+_QUOTED: Final = re.compile(r"(?<!\w)'([^']*)'(?!\w)")
+
+
+def _safe_message(message: str, raw: str, visible: str) -> str:
+    """A validator's message, fit for the one line: redacted as the logs are and, when the
+    input held a secret (``visible``, the input as shown, differs from ``raw``), any quoted
+    fragment that is not part of ``visible`` masked too.
+
+    Libraries quote parts of the value they reject, and not always the parts the redaction
+    knows: urllib reads a password with an unescaped "/" as the port and says so
+    ("port could not be cast to integer value as 'pa'").
+    """
+    message = redact_text(message)
+    if visible == raw:
+        return message
+    return _QUOTED.sub(lambda match: match[0] if match[1] in visible else f"'{MASK}'", message)
+
+
 def _describe(
     error: ValidationError, from_env: Mapping[str, Any], toml: Mapping[str, Any], path: Path | None
 ) -> str:
@@ -378,17 +438,19 @@ def _describe(
     first = errors[0]
     message = str(first["msg"]).removeprefix("Value error, ").split(", unable to parse")[0]
     field = str(first["loc"][0]) if first["loc"] else ""
-    if not field:  # a model-level rule: its message names its settings itself
+    if not field:  # a model-level rule: its message names its settings and echoes no value
         return message
-    message = message[:1].lower() + message[1:]
+    shown = first.get("input")
+    raw = shown if isinstance(shown, str) else repr(shown)
+    visible = "" if field in _SECRET_FIELDS else redact_text(raw)
+    message = _safe_message(message[:1].lower() + message[1:], raw, visible)
     name = ENV_NAMES.get(field, field)
     if field not in from_env and field in toml:
         name = f"{field} ({path})"
     if first["type"] == "extra_forbidden":
         message = "unknown setting"
     elif field not in _SECRET_FIELDS:
-        shown = first.get("input")
-        text = redact_text(shown if isinstance(shown, str) else repr(shown))[:80]
+        text = visible[:80]
         message += f", got {text!r}" if isinstance(shown, str) else f", got {text}"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{name}: {message}{more}"
@@ -399,6 +461,7 @@ def load_settings(
 ) -> Settings:
     """Build the settings from every source; ``overrides`` (field names) win over all.
 
+    ``config_file`` is the file ``--config`` names: errors about it name ``--config``.
     ``None`` overrides are dropped, so a CLI can pass its options through unconditionally.
     ``require_credentials=False`` skips the Kite credential rules (for probes that only read
     Redis).
@@ -410,8 +473,8 @@ def load_settings(
     dotenv = _read_dotenv()
     _check_bridge_vars(os.environ)
     _check_bridge_vars(dotenv)
-    path = _config_path(config_file, dotenv)
-    toml = _read_toml(path) if path else {}
+    path, name = _config_path(config_file, dotenv)
+    toml = _read_toml(path, name) if path else {}
     token = _LOADED_TOML.set(toml)
     require = _REQUIRE_CREDENTIALS.set(require_credentials)
     try:

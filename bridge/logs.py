@@ -58,20 +58,43 @@ _TEXT_RULES: Final = (
         r"""["']?\s*[:=]\s*["']?)([^\s"'&,;}<>]+)""",
         re.IGNORECASE,
     ),
-    # user:password@ in any URL (redis://, rediss://, wss://...). A "/" is allowed in the
-    # password, unescaped as people do write it: better a masked port now and then than a leak.
-    re.compile(r"([a-z][a-z0-9+.-]*://[^\s:/@]*:)([^\s@]+)(?=@)", re.IGNORECASE),
     # Kite's REST header: "Authorization: token api_key:access_token" (or enctoken ...).
     re.compile(r"(authorization[\"']?\s*[:=]\s*[\"']?(?:token|enctoken|bearer)\s+)(\S+)", re.I),
 )
+#: The start of a URL's userinfo (``redis://``, ``wss://user:``...), matched in the text before
+#: the last "@" of a line. A plain user name followed by ":" stays readable; any other userinfo
+#: (a user name with "@", "/" or a space) is masked whole. The look-behind starts a scheme at
+#: a word start only, so a long run of letters costs linear rather than quadratic time.
+_URL_USERINFO: Final = re.compile(
+    r"((?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://(?:[^\s:/@]*:)?).*\Z", re.IGNORECASE | re.DOTALL
+)
 _HANDLER_MARK: Final = "_bridge_log_handler"
+
+
+def _mask_userinfo(text: str) -> str:
+    """Mask a URL's password: everything from ``scheme://user:`` to the LAST "@" of the line.
+
+    urllib, and so redis-py, read the password up to the last "@" of the netloc, and people do
+    write "@", "/" and spaces unescaped in passwords: stopping at the first "@" or at a space
+    would print the rest. Over-masking (a host, a port, a later e-mail address on the same line)
+    is the price, and a fair one.
+    """
+    if "@" not in text:
+        return text
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        at = line.rfind("@")
+        if at >= 0:
+            head = _URL_USERINFO.sub(lambda match: match.group(1) + MASK, line[:at], count=1)
+            lines[index] = head + line[at:]
+    return "\n".join(lines)
 
 
 def redact_text(text: str) -> str:
     """Mask credentials inside free text: ``access_token=``/``enctoken=`` values, URL passwords."""
     for rule in _TEXT_RULES:
         text = rule.sub(lambda match: match.group(1) + MASK, text)
-    return text
+    return _mask_userinfo(text)
 
 
 def _is_public_number(value: object) -> bool:

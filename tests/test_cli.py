@@ -119,6 +119,24 @@ def test_check_config_prints_settings_with_secrets_masked(
     assert set(shown) == {"config_file", *Settings.model_fields}
 
 
+@pytest.mark.usefixtures("creds")
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://default:p@ss{SECRET}@redis:6379/0",  # an "@" in the password
+        f"redis://default:pa ss{SECRET}@redis:6379/0",  # a space in the password
+    ],
+)
+def test_check_config_masks_the_whole_redis_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    monkeypatch.setenv("REDIS_URL", url)
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert SECRET[:6] not in out
+    assert orjson.loads(out)["redis_url"] == "redis://default:***@redis:6379/0"
+
+
 @pytest.mark.parametrize(
     ("argv", "env", "toml", "expected"),
     [
@@ -139,7 +157,49 @@ def test_check_config_prints_settings_with_secrets_masked(
             ["health", "--config", "gone.toml"],
             {"KITE_ENCTOKEN": SECRET, "KITE_USER_ID": "U"},
             None,
-            "BRIDGE_CONFIG: config file 'gone.toml' does not exist",
+            "--config: config file 'gone.toml' does not exist",
+        ),
+        (
+            ["run", "--config", "missing.toml"],
+            {"KITE_ENCTOKEN": SECRET, "KITE_USER_ID": "U", "BRIDGE_CONFIG": "other.toml"},
+            None,
+            "--config: config file 'missing.toml' does not exist",
+        ),
+        (
+            ["check-config"],
+            {"KITE_ENCTOKEN": SECRET, "KITE_USER_ID": "U", "BRIDGE_CONFIG": "."},
+            None,
+            "BRIDGE_CONFIG: config file '.' is not a file",
+        ),
+        (
+            ["check-config"],
+            {"KITE_ENCTOKEN": SECRET, "KITE_USER_ID": "U", "KITE_WS_URL": "ws://127.0.0.1:99999"},
+            None,
+            "KITE_WS_URL: port out of range 0-65535, got 'ws://127.0.0.1:99999'",
+        ),
+        (
+            ["run"],
+            {"KITE_ENCTOKEN": SECRET, "KITE_USER_ID": "U", "REDIS_URL": "redis://h:6379/xyz"},
+            None,
+            "REDIS_URL: the path must be empty or a database number such as /0",
+        ),
+        (
+            ["check-config"],
+            {"KITE_ENCTOKEN": SECRET, "KITE_USER_ID": "U", "BRIDGE_MAX_RETRIES": "9" * 26},
+            None,
+            "BRIDGE_MAX_RETRIES: input should be less than or equal to 1000000",
+        ),
+        (
+            ["run"],
+            {"KITE_ENCTOKEN": SECRET, "KITE_USER_ID": "U", "BRIDGE_HTTP_HOST": " "},
+            None,
+            "BRIDGE_HTTP_HOST: must be non-empty and contain no spaces",
+        ),
+        (
+            ["check-config"],
+            {"KITE_ENCTOKEN": SECRET, "KITE_USER_ID": "U"},
+            b'namespace = "\xff"\n',
+            "BRIDGE_CONFIG: cannot read 'config/bridge.toml': not UTF-8 text (byte 0xff at offset",
         ),
         (
             ["run"],
@@ -161,7 +221,7 @@ def test_config_errors_exit_2_with_one_line_naming_the_setting(
     isolated: Path,
     argv: list[str],
     env: dict[str, str],
-    toml: str | None,
+    toml: str | bytes | None,
     expected: str,
 ) -> None:
     calls: list[Settings] = []
@@ -171,7 +231,11 @@ def test_config_errors_exit_2_with_one_line_naming_the_setting(
         monkeypatch.setenv(name, value)
     if toml is not None:
         (isolated / "config").mkdir()
-        (isolated / "config/bridge.toml").write_text(toml)
+        file = isolated / "config/bridge.toml"
+        if isinstance(toml, bytes):
+            file.write_bytes(toml)
+        else:
+            file.write_text(toml)
     assert main(argv) == 2
     assert one_error_line(capsys).startswith(f"bridge: config error: {expected}")
     assert calls == []

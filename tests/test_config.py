@@ -227,7 +227,36 @@ def test_access_token_needs_a_real_api_key(monkeypatch: pytest.MonkeyPatch) -> N
             "BRIDGE_LOG_FORMAT: input should be 'auto', 'json' or 'console'",
         ),
         ("KITE_WS_URL", "http://x", "KITE_WS_URL: expected a URL starting with ws://, wss://"),
+        # The feed's own URL rules, checked now rather than when `bridge run` connects.
+        ("KITE_WS_URL", "ws://127.0.0.1:99999", "KITE_WS_URL: port out of range 0-65535"),
+        ("KITE_WS_URL", "ws://h/?x=1", "KITE_WS_URL: url must not carry a query or fragment"),
+        ("KITE_WS_URL", "ws://h/#x", "KITE_WS_URL: url must not carry a query or fragment"),
+        ("KITE_WS_URL", "ws://", "KITE_WS_URL: url is not a websocket URL"),
         ("KITE_API_KEY", " ", "KITE_API_KEY: must be non-empty"),
+        (
+            "BRIDGE_MAX_RETRIES",
+            "99999999999999999999999999",
+            "BRIDGE_MAX_RETRIES: input should be less than or equal to 1000000",
+        ),
+        ("BRIDGE_BASE_WAIT", "inf", "BRIDGE_BASE_WAIT: input should be a finite number"),
+        ("BRIDGE_BASE_WAIT", "nan", "BRIDGE_BASE_WAIT: input should be a finite number"),
+        ("BRIDGE_MAX_WAIT", "inf", "BRIDGE_MAX_WAIT: input should be a finite number"),
+        ("BRIDGE_MAX_WAIT", "-inf", "BRIDGE_MAX_WAIT: input should be a finite number"),
+        (
+            "BRIDGE_LIVENESS_TIMEOUT",
+            "inf",
+            "BRIDGE_LIVENESS_TIMEOUT: input should be a finite number",
+        ),
+        ("BRIDGE_MAX_LAG", "NaN", "BRIDGE_MAX_LAG: input should be a finite number"),
+        ("BRIDGE_HTTP_HOST", " ", "BRIDGE_HTTP_HOST: must be non-empty and contain no spaces"),
+        ("BRIDGE_HTTP_HOST", "a b", "BRIDGE_HTTP_HOST: must be non-empty and contain no spaces"),
+        (
+            "REDIS_URL",
+            "redis://127.0.0.1:6379/xyz",
+            "REDIS_URL: the path must be empty or a database number such as /0",
+        ),
+        ("REDIS_URL", "redis://h/-1", "REDIS_URL: the path must be empty or a database number"),
+        ("REDIS_URL", "redis://h/0/1", "REDIS_URL: the path must be empty or a database number"),
     ],
 )
 def test_invalid_values_give_one_line_naming_the_env_var(
@@ -244,6 +273,29 @@ def test_redis_password_never_appears_in_errors(
     message = config_error()
     assert message.startswith("REDIS_URL: expected a URL starting with redis://, rediss://")
     assert "user:***@host" in message
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "shown"),
+    [
+        # redis-py reads the password up to the LAST "@"; a space does not end it either.
+        ("REDIS_URL", f"redis://default:p@ss{SECRET}@h:abc/0", "'redis://default:***@h:abc/0'"),
+        ("REDIS_URL", f"redis://:pa ss{SECRET}@h:abc/0", "'redis://:***@h:abc/0'"),
+        ("REDIS_URL", f"redis://:x@{SECRET}@h/xyz", "'redis://:***@h/xyz'"),
+        # An unescaped "/" makes urllib read the password as the port, and quote it.
+        ("REDIS_URL", f"redis://u:{SECRET}/x@h/0", "'redis://u:***@h/0'"),
+        ("KITE_WS_URL", f"ws://u:{SECRET}/x@h", "'ws://u:***@h'"),
+        ("KITE_WS_URL", f"ws://u:p@{SECRET}@h:99999", "'ws://u:***@h:99999'"),
+    ],
+)
+def test_a_url_password_never_appears_in_errors_not_even_in_part(
+    monkeypatch: pytest.MonkeyPatch, creds: None, env: str, url: str, shown: str
+) -> None:
+    monkeypatch.setenv(env, url)
+    message = config_error()
+    assert message.startswith(f"{env}: ")
+    assert message.endswith(f", got {shown}")
+    assert SECRET[:6] not in message
 
 
 @pytest.mark.parametrize(
@@ -367,7 +419,34 @@ def test_a_named_config_file_that_is_missing_is_an_error(monkeypatch: pytest.Mon
     monkeypatch.setenv("BRIDGE_CONFIG", "nope.toml")
     assert config_error() == "BRIDGE_CONFIG: config file 'nope.toml' does not exist"
     monkeypatch.delenv("BRIDGE_CONFIG")
-    assert config_error(config_file="missing.toml").startswith("BRIDGE_CONFIG: config file")
+    # The file given to load_settings is the one `--config` names.
+    assert config_error(config_file="missing.toml") == (
+        "--config: config file 'missing.toml' does not exist"
+    )
+
+
+@pytest.mark.usefixtures("creds")
+def test_a_named_config_file_that_is_a_directory_is_not_a_file(
+    monkeypatch: pytest.MonkeyPatch, isolated: Path
+) -> None:
+    (isolated / "conf.d").mkdir()
+    monkeypatch.setenv("BRIDGE_CONFIG", "conf.d")
+    assert config_error() == "BRIDGE_CONFIG: config file 'conf.d' is not a file"
+    assert config_error(config_file="conf.d") == "--config: config file 'conf.d' is not a file"
+
+
+@pytest.mark.usefixtures("creds")
+def test_a_toml_file_that_is_not_utf8_is_a_config_error(isolated: Path) -> None:
+    (isolated / "bad.toml").write_bytes(b'namespace = "caf\xe9"\n')
+    assert config_error(config_file="bad.toml") == (
+        "--config: cannot read 'bad.toml': not UTF-8 text (byte 0xe9 at offset 16)"
+    )
+
+
+@pytest.mark.usefixtures("creds")
+def test_a_dotenv_file_that_is_not_utf8_is_a_config_error(isolated: Path) -> None:
+    (isolated / ".env").write_bytes(b"BRIDGE_NAMESPACE=\xff\n")
+    assert config_error() == ".env (working directory): not UTF-8 text (byte 0xff at offset 17)"
 
 
 @pytest.mark.usefixtures("creds")

@@ -78,6 +78,7 @@ __all__ = [
     "FeedStats",
     "FrameDecoder",
     "KiteFeed",
+    "check_url",
 ]
 
 DEFAULT_KITE_CONNECT_URL: Final = "wss://ws.kite.trade"
@@ -149,9 +150,9 @@ class _Secret:
         return "'***'"
 
 
-def _base_url(url: str | None, default: str) -> str:
-    if url is None:
-        return default
+def check_url(url: str) -> str:
+    """``url`` if it can be the feed's endpoint (``KITE_WS_URL``), else a ``ValueError`` saying
+    why; the configuration checks with it too, so a bad URL is a config error, not a crash."""
     parts = urlsplit(url)
     if parts.query or parts.fragment:
         raise ValueError("url must not carry a query or fragment: KiteFeed adds the credentials")
@@ -160,6 +161,10 @@ def _base_url(url: str | None, default: str) -> str:
     except InvalidURI as exc:
         raise ValueError(f"url is not a websocket URL: {exc}") from None
     return url
+
+
+def _base_url(url: str | None, default: str) -> str:
+    return default if url is None else check_url(url)
 
 
 def _query(params: list[tuple[str, str | None]]) -> str:
