@@ -862,6 +862,7 @@ async def test_kite_web_enctoken_survives_the_query_string() -> None:
 
 async def test_no_secret_in_any_log_line(sim: Simulator, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="websockets.client")
+    caplog.set_level(logging.DEBUG, logger="websockets.server")
     cap = LogCapture()
     rec = Recorder()
     feed = make_feed(sim.url, rec, logger=structlog.wrap_logger(None, processors=[cap]))
@@ -871,8 +872,10 @@ async def test_no_secret_in_any_log_line(sim: Simulator, caplog: pytest.LogCaptu
         await sim.drop()
         await wait_for(lambda: rec.count("connect") == 2)
     client = [r.getMessage() for r in caplog.records if r.name.startswith("websockets.client")]
-    lines = client + [str(entry) for entry in cap.entries]
+    server = [r.getMessage() for r in caplog.records if r.name.startswith("websockets.server")]
+    lines = client + server + [str(entry) for entry in cap.entries]
     assert any("> GET /?api_key=" in line for line in lines)  # websockets did log the request
+    assert any("< GET /?api_key=" in line for line in server)  # and the simulator's side too
     assert any("connected" in line for line in lines)
     assert not [line for line in lines if TOKEN in line]
 

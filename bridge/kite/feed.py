@@ -122,8 +122,10 @@ def _redact(text: str) -> str:
     return _SECRET_QUERY.sub(r"\1***", text)
 
 
-class _RedactingAdapter(logging.LoggerAdapter[logging.Logger]):
-    """websockets logs the request line at DEBUG, query string (our credentials) included."""
+class RedactingAdapter(logging.LoggerAdapter[logging.Logger]):
+    """websockets logs the request line at DEBUG, query string (our credentials) included.
+
+    The simulator's server logs through one too: tokens pointed at it may be real."""
 
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         if self.isEnabledFor(level):
@@ -132,7 +134,7 @@ class _RedactingAdapter(logging.LoggerAdapter[logging.Logger]):
             self.logger.log(level, text, *clean, **kwargs)
 
 
-_WS_LOGGER: Final = _RedactingAdapter(logging.getLogger("websockets.client"), {})
+_WS_LOGGER: Final = RedactingAdapter(logging.getLogger("websockets.client"), {})
 
 
 class _Secret:

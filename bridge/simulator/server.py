@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import http
 import json
+import logging
 import random
 import struct
 import time
@@ -35,6 +36,7 @@ from websockets.frames import EXTERNAL_CLOSE_CODES
 from websockets.http11 import Request, Response
 
 from bridge.kite.codec import FULL_LENGTH, QUOTE_LENGTH, encode_packet
+from bridge.kite.feed import RedactingAdapter
 from bridge.kite.records import IST, Mode
 from bridge.simulator.market import Market
 
@@ -209,6 +211,7 @@ class Simulator:
             ping_interval=None,
             close_timeout=2,
             max_size=2**22,
+            logger=RedactingAdapter(logging.getLogger("websockets.server"), {}),
         )
         sockets = self._server.sockets
         self.port = sockets[0].getsockname()[1]
