@@ -14,8 +14,9 @@
 #
 # Environment: E2E_PROJECT (compose project, default bridge-e2e), E2E_USE_HUB=1 to use the public
 # base images instead of stand-ins, KEEP_DOCKERD=1 to leave a dockerd this script started running,
-# E2E_COMPOSE=v2|v1 to run the stack with `docker compose` or `docker-compose` (default: v2 when
-# installed, else v1). docker-compose.yml is validated with every Compose that is installed.
+# E2E_COMPOSE=v2|v1 to run the stack with `docker compose` or `docker-compose` (default: v2,
+# fetched from Debian trixie when missing, else v1). docker-compose.yml is validated with every
+# Compose that is installed.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -68,6 +69,32 @@ ensure_engine() {
     done
     tail -n 30 "$WORK/dockerd.log" >&2 || true
     fail "dockerd did not come up"
+}
+
+# Users run Compose v2 (`docker compose`); Debian bookworm ships only v1.29. Best effort: take the
+# v2 plugin from Debian trixie's docker-compose package, unpacked (not installed: v1 stays) with
+# a private apt configuration that leaves the system's sources alone. Any failure keeps v1.
+ensure_compose_v2() {
+    if [[ "${E2E_COMPOSE:-auto}" == v1 ]] || docker compose version >/dev/null 2>&1; then
+        return
+    fi
+    local dir="$WORK/compose-v2" plugin=/usr/local/lib/docker/cli-plugins/docker-compose
+    log "fetching the Compose v2 plugin (Debian trixie docker-compose package)"
+    mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
+        >"$dir/sources.list"
+    local apt_opts=(-o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache")
+    if (cd "$dir" && apt-get "${apt_opts[@]}" update -qq && apt-get "${apt_opts[@]}" download -qq docker-compose) \
+        >"$dir/apt.log" 2>&1 &&
+        dpkg-deb -x "$dir"/docker-compose_*.deb "$dir/extract" &&
+        [[ -x "$dir/extract/usr/libexec/docker/cli-plugins/docker-compose" ]] &&
+        install -D -m 0755 "$dir/extract/usr/libexec/docker/cli-plugins/docker-compose" "$plugin" &&
+        docker compose version >/dev/null 2>&1; then
+        log "installed $(docker compose version) at $plugin"
+    else
+        log "Compose v2 not available here (see $dir/apt.log); running with docker-compose v1"
+    fi
 }
 
 COMPOSE=()
@@ -262,6 +289,7 @@ run_guard() {
 [[ $(id -u) == 0 ]] || fail "run as root (dockerd, debootstrap)"
 [[ -f $ROOT/README.md ]] || fail "README.md is missing: the image build needs it (pyproject readme)"
 ensure_engine
+ensure_compose_v2
 pick_compose
 
 # Nothing from the caller's environment may leak into the stack: credentials would turn the
