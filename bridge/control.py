@@ -225,6 +225,9 @@ class ControlConsumer:
     async def requeue(self) -> int:
         """Move everything left in processing back to the head of control, order kept.
 
+        At start-up (a previous run's leftovers) and before every take (orphans of a lost
+        BLMOVE reply; see :meth:`run`).
+
         Each LMOVE takes the newest leftover and pushes it on the head, so after the loop the
         oldest leftover is first in line. Every step is atomic: a crash half-way loses nothing.
         """
@@ -241,25 +244,25 @@ class ControlConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set; the command in flight is finished first."""
         stop_wait = asyncio.ensure_future(stop.wait())
-        # A BLMOVE whose reply was lost may still have moved a command into processing. Nothing
-        # else is in flight here (one command at a time), so once Redis answers again whatever
-        # is in processing is such an orphan and goes back to the head of the queue.
-        orphans = False
         try:
             while not stop.is_set():
                 try:
-                    if orphans:
-                        await self.requeue()
-                        orphans = False
+                    # A BLMOVE whose reply was lost may still have moved a command into
+                    # processing: a connection error, or a timeout that redis-py retried on a
+                    # new connection without telling us while the server, hung, ran the first
+                    # one later. One command at a time is in flight here and it has been
+                    # acknowledged by now, so anything in processing is such an orphan: back
+                    # to the head of the queue (one LMOVE when there is none).
+                    await self.requeue()
                     raw = await self._take(stop_wait)
                 except _UNAVAILABLE as exc:
-                    orphans = True
                     self.stats.redis_errors += 1
                     await self._sleep(self._outage.failed(exc), stop_wait)
                     continue
-                except RedisError as exc:  # e.g. WRONGTYPE: an operator broke a key
+                except RedisError as exc:  # e.g. WRONGTYPE, OOM, READONLY
                     self.stats.redis_errors += 1
-                    _log.error("control_take_failed", error=str(exc), key=self.control_key)
+                    if not self._outage.active:  # once per outage, not on every retry
+                        _log.error("control_take_failed", error=str(exc), key=self.control_key)
                     await self._sleep(self._outage.failed(exc), stop_wait)
                     continue
                 self._outage.recovered()

@@ -535,7 +535,9 @@ class BridgeCollector(Collector):
             actions.add_metric([action], c.by_action[action])
         yield actions
         yield _counter(
-            "bridge_commands_requeued", "Commands put back from processing at start-up.", c.requeued
+            "bridge_commands_requeued",
+            "Commands put back from processing (start-up, lost replies).",
+            c.requeued,
         )
         yield _counter(
             "bridge_control_redis_errors",

@@ -334,6 +334,38 @@ async def test_a_command_moved_by_a_blmove_whose_reply_was_lost_is_not_stranded(
     assert await redis.llen(CONTROL) == 0
 
 
+async def test_a_blmove_whose_reply_was_silently_lost_is_not_stranded_either(
+    redis: Redis, consumer: ControlConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung server times the BLMOVE out; redis-py retries it on a new connection and no error
+    reaches us, but the hung server still runs the first one when it wakes: the command it
+    moved sits in processing with nobody handling it. It must be picked up, not stranded."""
+    await redis.rpush(CONTROL, "subscribe ltp 1", "subscribe full 2")
+    real_blmove = redis.blmove
+    lost = 0
+
+    async def first_reply_swallowed(*args: Any, **kwargs: Any) -> Any:
+        nonlocal lost
+        result = await real_blmove(*args, **kwargs)
+        if lost == 0 and result is not None:
+            lost += 1
+            return await real_blmove(*args, **kwargs)  # the silent retry's reply instead
+        return result
+
+    monkeypatch.setattr(redis, "blmove", first_reply_swallowed)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    await wait_until(lambda: consumer.stats.applied == 2)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert lost == 1
+    assert consumer.stats.requeued == 1
+    assert consumer.stats.redis_errors == 0  # nothing was reported: found by looking
+    assert await stored(redis) == {"1": "ltp", "2": "full"}
+    assert await redis.llen(PROCESSING) == 0
+    assert await redis.llen(CONTROL) == 0
+
+
 async def test_redis_failure_at_commit_applies_nothing_and_retries_to_the_same_effect(
     redis: Redis,
     server: fakeredis.FakeServer,
