@@ -474,7 +474,7 @@ class ControlConsumer:
 
         Idempotent: a replay writes the same set and finds nothing left to remove.
         """
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._store.lock, self._redis.pipeline(transaction=True) as pipe:
             writes = _Writes(pipe)
             if outcome.changed:
                 self._store.queue_replace(pipe, outcome.desired)

@@ -333,15 +333,15 @@ class Bridge:
             # An outage is for the status and publish paths to report; try again later.
             self.metrics.activity.notice(self.feed.subscriptions)
             with contextlib.suppress(RedisError, OSError):
-                await self.store.ensure()
                 await self._follow_store()
 
     async def _follow_store(self) -> None:
         async with self._sync_lock:
             if self._resync_task is not None and not self._resync_task.done():
                 return  # a (re)connect's resync is about to do the same
-            known = self.store.known
-            desired = await self.store.load()
+            async with self.store.lock:
+                known = self.store.known
+                desired = await self.store.load()  # a restarted server's loss is repaired here
             if desired == known:
                 return  # nothing changed but by the bridge, which reconciles its own writes
             current = self.feed.subscriptions

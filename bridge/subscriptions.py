@@ -4,17 +4,21 @@ Redis, not the process, owns this set: it survives restarts, and the feed is rec
 on every (re)connect. Every write replaces or extends the set inside MULTI/EXEC, so a reader
 never sees half a change.
 
-One exception to "Redis owns it": a Redis *server* restart without persistence (the default of
-many deployments, including our compose file) empties the hash while the bridge still runs.
-Following Redis then would silently unsubscribe every instrument at the next command or
-reconnect. The store therefore remembers the last set it read or wrote together with the
-server's ``run_id``; when the server's identity changed *and* the hash is gone, it writes the
-remembered set back instead of adopting the empty one. An operator's ``unsubscribe all`` (same
-server) still empties it, as does a fresh bridge process (it has nothing to remember).
+One exception to "Redis owns it": a Redis *server* restart. Without persistence (the default of
+many deployments, including our compose file) it empties the hash while the bridge still runs;
+with RDB snapshots it brings back the set of the last snapshot, undoing every command
+acknowledged since. Following Redis then would silently unsubscribe instruments, or re-add
+removed ones, at the next command or reconnect. The store therefore remembers the last set it
+read or wrote together with the server's ``run_id``; when the server's identity changed and the
+hash differs from that set, it writes the remembered set back (``subscriptions_restored``):
+nothing the bridge acknowledged can be newer. On the same server, whatever the hash holds is the
+desired set: an operator's ``unsubscribe all``, ``DEL`` or hand edit is followed. A fresh bridge
+process has nothing to remember and takes the hash as it is.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Final, cast
 
@@ -72,8 +76,12 @@ class SubscriptionStore:
         self._known: dict[int, Mode] = {}
         self._server_id: str | None = None
         self._server_id_supported = True
-        #: How many times a restarted Redis server's lost set was written back.
+        #: How many times a restarted Redis server's lost or older set was written back.
         self.restored = 0
+        #: Held while a write of the set is in flight until :meth:`remember` (and by readers
+        #: that compare the hash with :attr:`known`), so a reader never takes the bridge's own
+        #: write, committed but not yet remembered, for an outside edit.
+        self.lock = asyncio.Lock()
 
     @property
     def known(self) -> Mapping[int, Mode]:
@@ -81,15 +89,20 @@ class SubscriptionStore:
         return self._known
 
     async def load(self) -> dict[int, Mode]:
-        """The desired set; rewritten from memory if a restarted Redis server lost it."""
+        """The desired set; rewritten from memory if a restarted Redis server lost or aged it."""
         server_id = await self._current_server_id()
         raw = await self._redis.hgetall(self.key)
         desired = decode_subscriptions(raw, self.key)
         restarted = server_id is not None and self._server_id not in (None, server_id)
-        if restarted and not raw and self._known:
+        if restarted and self._known and desired != self._known:
             _log.warning(
                 "subscriptions_restored",
-                reason="the Redis server restarted and lost the set",
+                reason=(
+                    "the Redis server restarted and lost the set"
+                    if not raw
+                    else "the Redis server restarted with an older set (a snapshot, a replica)"
+                ),
+                found=len(desired),
                 subscriptions=len(self._known),
             )
             await self.replace(self._known)
@@ -98,19 +111,6 @@ class SubscriptionStore:
         self._server_id = server_id
         self._known = desired
         return desired
-
-    async def ensure(self) -> bool:
-        """Write the remembered set back now if a restarted Redis server lost it; True if so.
-
-        :meth:`load` does this on the next command or reconnect anyway; calling this every
-        second closes the window in which a bridge restarted meanwhile would find no set.
-        One ``EXISTS`` when nothing is wrong.
-        """
-        if not self._known or await self._redis.exists(self.key):
-            return False
-        restored = self.restored
-        await self.load()
-        return self.restored > restored
 
     def remember(self, desired: Mapping[int, Mode]) -> None:
         """Record a set the caller has written itself (e.g. through :meth:`queue_replace`)."""

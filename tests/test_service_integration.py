@@ -265,10 +265,24 @@ async def test_a_hand_edit_of_the_desired_set_is_followed_within_seconds(
     await redis.hdel(key, str(NIFTY))
     await sim.wait_for(lambda: sim.subscriptions() == {RELIANCE: "ltp", SBIN: "quote"}, 5)
     assert max(sim.connections) == connection  # no reconnect needed
-    # An ordinary command afterwards is not mistaken for an outside edit.
+    # Ordinary commands afterwards are not mistaken for outside edits.
     await command(redis, namespace, {"id": "c", "action": "unsubscribe", "tokens": [SBIN]})
     await sim.wait_for(lambda: sim.subscriptions() == {RELIANCE: "ltp"}, 5)
-    await asyncio.sleep(1.5)  # a guard round or more after the command
+    for n in range(20):
+        await command(
+            redis,
+            namespace,
+            {
+                "id": f"m{n}",
+                "action": "mode",
+                "mode": "full" if n % 2 else "ltp",
+                "tokens": [RELIANCE],
+            },
+        )
+    await asyncio.sleep(1.5)  # a guard round or more after the commands
+    # Deleting the whole hash on the same server is an edit too (not a Redis restart).
+    await redis.delete(key)
+    await sim.wait_for(lambda: sim.subscriptions() == {}, 5)
     code, _ = await bridge.stop()
     assert code == 0
     followed = [
@@ -277,8 +291,8 @@ async def test_a_hand_edit_of_the_desired_set_is_followed_within_seconds(
         if '"subscriptions_followed"' in line
     ]
     assert [(f["added"], f["removed"], f["mode_changed"]) for f in followed] in (
-        [(1, 1, 1)],  # both edits seen in one guard round
-        [(1, 0, 1), (0, 1, 0)],  # or the HSET first, then the HDEL
+        [(1, 1, 1), (0, 1, 0)],  # both edits seen in one guard round, then the DEL
+        [(1, 0, 1), (0, 1, 0), (0, 1, 0)],  # or the HSET first, then the HDEL, then the DEL
     )
 
 

@@ -86,3 +86,69 @@ async def test_hand_edited_bad_entries_are_skipped_and_logged(
 
 def test_decode_accepts_str_replies() -> None:
     assert decode_subscriptions({"3": "quote"}) == {3: "quote"}
+
+
+class Server:
+    """Stands in for INFO's run_id: a restart gives the server a new identity."""
+
+    def __init__(self) -> None:
+        self.run_id = "first"
+
+    async def current(self) -> str:
+        return self.run_id
+
+
+@pytest.fixture
+def server(store: SubscriptionStore, monkeypatch: pytest.MonkeyPatch) -> Server:
+    server = Server()
+    monkeypatch.setattr(store, "_current_server_id", server.current)
+    return server
+
+
+async def test_a_restart_that_lost_the_set_gets_it_back(
+    store: SubscriptionStore, redis: Redis, server: Server
+) -> None:
+    await store.load()
+    await store.replace({1: "ltp", 2: "full"})
+    await redis.flushall()
+    server.run_id = "second"
+    with capture_logs() as logs:
+        assert await store.load() == {1: "ltp", 2: "full"}
+    assert await redis.hgetall(KEY) == {b"1": b"ltp", b"2": b"full"}
+    assert store.restored == 1
+    [restored] = [entry for entry in logs if entry["event"] == "subscriptions_restored"]
+    assert restored["reason"] == "the Redis server restarted and lost the set"
+
+
+async def test_a_restart_from_an_older_snapshot_does_not_undo_acknowledged_changes(
+    store: SubscriptionStore, redis: Redis, server: Server
+) -> None:
+    await store.replace({1: "ltp", 2: "full"})
+    await store.load()
+    assert await redis.hgetall(KEY) == {b"1": b"ltp", b"2": b"full"}  # what a SAVE would keep
+    await store.replace({2: "quote", 3: "ltp"})  # acknowledged commands after the snapshot
+    await redis.delete(KEY)
+    await redis.hset(KEY, mapping={"1": "ltp", "2": "full"})  # a restart loads that snapshot
+    server.run_id = "second"
+    with capture_logs() as logs:
+        assert await store.load() == {2: "quote", 3: "ltp"}
+    assert await redis.hgetall(KEY) == {b"2": b"quote", b"3": b"ltp"}
+    [restored] = [entry for entry in logs if entry["event"] == "subscriptions_restored"]
+    assert restored["reason"].startswith("the Redis server restarted with an older set")
+    assert (restored["found"], restored["subscriptions"]) == (2, 2)
+
+
+async def test_on_the_same_server_the_hash_wins_even_when_deleted(
+    store: SubscriptionStore, redis: Redis, server: Server
+) -> None:
+    await store.load()
+    await store.replace({1: "ltp", 2: "full"})
+    await redis.hdel(KEY, "1")
+    assert await store.load() == {2: "full"}  # a hand edit is the desired set
+    await redis.delete(KEY)
+    assert await store.load() == {}  # so is a DEL (or FLUSHALL) of the same server
+    assert store.restored == 0
+    # With nothing remembered (a fresh process), a new server's set is simply taken.
+    fresh = SubscriptionStore(redis, "s")
+    await redis.hset(KEY, mapping={"5": "quote"})
+    assert await fresh.load() == {5: "quote"}
