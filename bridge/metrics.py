@@ -214,9 +214,18 @@ class TokenActivity:
         ``silent_after`` seconds after it was subscribed, not after the first scrape.
         """
         now, last, noticed = self._clock(), self.last_tick, self._noticed
-        for token in subscribed:
+        tokens = set(subscribed)
+        for token in tokens:
             if token not in last and token not in noticed:
                 noticed[token] = now
+        self._forget_all_but(tokens)
+
+    def _forget_all_but(self, tokens: set[int]) -> None:
+        """Drop unsubscribed tokens, so a bridge whose subscriptions change over weeks does not
+        accumulate them (whether or not anyone scrapes the metrics)."""
+        for book in (self.last_tick, self._noticed):
+            for token in book.keys() - tokens:
+                del book[token]
 
     def silence(
         self, subscribed: Iterable[int], silent_after: float, since: float | None = None
@@ -240,11 +249,7 @@ class TokenActivity:
             if quiet >= silent_after:
                 silent[token] = quiet
             longest = max(longest, quiet)
-        # Forget unsubscribed tokens so a long-running bridge does not accumulate them.
-        for book in (last, noticed):
-            if len(book) > len(tokens):
-                for token in [t for t in book if t not in tokens]:
-                    del book[token]
+        self._forget_all_but(tokens)
         return Silence(silent, longest)
 
 

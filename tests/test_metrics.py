@@ -161,6 +161,18 @@ def test_notice_starts_the_clock_of_tokens_that_never_ticked() -> None:
     assert found.tokens == pytest.approx({1: 61, 2: 61})  # 3 was only just subscribed
 
 
+def test_notice_forgets_unsubscribed_tokens_without_any_scrape() -> None:
+    activity = TokenActivity(Clock())
+    activity.observe([(1, b""), (2, b"")])
+    activity.notice([1, 3])  # 2 unsubscribed, 3 new and silent so far
+    assert set(activity.last_tick) == {1}
+    activity.notice([1])
+    activity.observe([(4, b"")])  # a late tick of a token no longer subscribed
+    activity.notice([1])
+    assert set(activity.last_tick) == {1}
+    assert activity.silence([1], silent_after=10, since=0.0).tokens == {}
+
+
 def test_unsubscribed_tokens_are_forgotten() -> None:
     clock = Clock()
     activity = TokenActivity(clock)
