@@ -330,10 +330,13 @@ class Bridge:
         """
         while True:
             await asyncio.sleep(interval)
-            # An outage is for the status and publish paths to report; try again later.
             self.metrics.activity.notice(self.feed.subscriptions)
-            with contextlib.suppress(RedisError, OSError):
+            try:
                 await self._follow_store()
+            except (RedisError, OSError):
+                pass  # an outage is for the status and publish paths to report; next round
+            except Exception:  # what Redis holds is input: a surprise in it must not stop us
+                _log.exception("subscriptions_guard_failed")
 
     async def _follow_store(self) -> None:
         async with self._sync_lock:
