@@ -112,6 +112,9 @@ class SubscriptionStore:
         self._known = desired
         return desired
 
+    async def exists(self) -> bool:
+        return bool(await self._redis.exists(self.key))
+
     def remember(self, desired: Mapping[int, Mode]) -> None:
         """Record a set the caller has written itself (e.g. through :meth:`queue_replace`)."""
         self._known = dict(desired)

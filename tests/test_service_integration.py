@@ -263,7 +263,7 @@ async def test_a_hand_edit_of_the_desired_set_is_followed_within_seconds(
     key = f"{namespace}:subscriptions"
     await redis.hset(key, mapping={str(RELIANCE): "ltp", str(SBIN): "quote", "junk": "full"})
     await redis.hdel(key, str(NIFTY))
-    await sim.wait_for(lambda: sim.subscriptions() == {RELIANCE: "ltp", SBIN: "quote"}, 5)
+    await sim.wait_for(lambda: sim.subscriptions() == {RELIANCE: "ltp", SBIN: "quote"}, 10)
     assert max(sim.connections) == connection  # no reconnect needed
     # Ordinary commands afterwards are not mistaken for outside edits.
     await command(redis, namespace, {"id": "c", "action": "unsubscribe", "tokens": [SBIN]})
@@ -279,10 +279,11 @@ async def test_a_hand_edit_of_the_desired_set_is_followed_within_seconds(
                 "tokens": [RELIANCE],
             },
         )
-    await asyncio.sleep(1.5)  # a guard round or more after the commands
-    # Deleting the whole hash on the same server is an edit too (not a Redis restart).
+    await asyncio.sleep(5.5)  # a full guard round or more after the commands
+    # Deleting the whole hash on the same server is an edit too (not a Redis restart), and
+    # noticed at the next one-second round.
     await redis.delete(key)
-    await sim.wait_for(lambda: sim.subscriptions() == {}, 5)
+    await sim.wait_for(lambda: sim.subscriptions() == {}, 3)
     code, _ = await bridge.stop()
     assert code == 0
     followed = [
