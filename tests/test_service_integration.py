@@ -259,6 +259,8 @@ async def test_a_hand_edit_of_the_desired_set_is_followed_within_seconds(
     """Redis owns the set: editing the hash directly moves the feed too, and is logged."""
     bridge = await start_bridge(BRIDGE_SUBSCRIBE=f"full:{NIFTY},{SBIN}")
     await sim.wait_for(lambda: sim.subscriptions() == {NIFTY: "full", SBIN: "full"}, 10)
+    # After the connect's own resync from Redis, or it could be the one to pick up the edit.
+    await wait_until(lambda: '"subscriptions_resynced"' in bridge.log.read_text(), within=10)
     connection = max(sim.connections)
     key = f"{namespace}:subscriptions"
     await redis.hset(key, mapping={str(RELIANCE): "ltp", str(SBIN): "quote", "junk": "full"})
