@@ -6,7 +6,7 @@ fakeredis's BLMOVE never blocks, so the blocking path is covered on the real ser
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import fakeredis
@@ -305,28 +305,46 @@ async def test_consumer_runs_commands_in_fifo_order(
     assert await stored(redis) == {"1": "full", "2": "quote"}
 
 
-async def test_a_command_moved_by_a_blmove_whose_reply_was_lost_is_not_stranded(
-    redis: Redis, consumer: ControlConsumer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Redis moved the command, then the connection died before the reply: re-queued."""
+async def run_losing_the_first_move(
+    redis: Redis,
+    consumer: ControlConsumer,
+    monkeypatch: pytest.MonkeyPatch,
+    lose: Callable[
+        [Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]], Awaitable[Any]
+    ],
+) -> int:
+    """Two commands through ``consumer.run``, the reply of the first BLMOVE that moved one
+    replaced by what ``lose(blmove, args, kwargs)`` does; returns how often that happened."""
     await redis.rpush(CONTROL, "subscribe ltp 1", "subscribe full 2")
     real_blmove = redis.blmove
     lost = 0
 
-    async def blmove_reply_lost(*args: Any, **kwargs: Any) -> Any:
+    async def blmove(*args: Any, **kwargs: Any) -> Any:
         nonlocal lost
         result = await real_blmove(*args, **kwargs)
         if lost == 0 and result is not None:
             lost += 1
-            raise RedisConnectionError("connection reset after the move")
+            return await lose(real_blmove, args, kwargs)
         return result
 
-    monkeypatch.setattr(redis, "blmove", blmove_reply_lost)
+    monkeypatch.setattr(redis, "blmove", blmove)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     await wait_until(lambda: consumer.stats.applied == 2)
     stop.set()
     await asyncio.wait_for(task, 2)
+    return lost
+
+
+async def test_a_command_moved_by_a_blmove_whose_reply_was_lost_is_not_stranded(
+    redis: Redis, consumer: ControlConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis moved the command, then the connection died before the reply: re-queued."""
+
+    async def connection_reset(*_: Any) -> Any:
+        raise RedisConnectionError("connection reset after the move")
+
+    lost = await run_losing_the_first_move(redis, consumer, monkeypatch, connection_reset)
     assert lost == 1
     assert consumer.stats.requeued == 1
     assert await stored(redis) == {"1": "ltp", "2": "full"}
@@ -340,24 +358,13 @@ async def test_a_blmove_whose_reply_was_silently_lost_is_not_stranded_either(
     """A hung server times the BLMOVE out; redis-py retries it on a new connection and no error
     reaches us, but the hung server still runs the first one when it wakes: the command it
     moved sits in processing with nobody handling it. It must be picked up, not stranded."""
-    await redis.rpush(CONTROL, "subscribe ltp 1", "subscribe full 2")
-    real_blmove = redis.blmove
-    lost = 0
 
-    async def first_reply_swallowed(*args: Any, **kwargs: Any) -> Any:
-        nonlocal lost
-        result = await real_blmove(*args, **kwargs)
-        if lost == 0 and result is not None:
-            lost += 1
-            return await real_blmove(*args, **kwargs)  # the silent retry's reply instead
-        return result
+    async def silent_retry(
+        blmove: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        return await blmove(*args, **kwargs)  # the silent retry's reply instead
 
-    monkeypatch.setattr(redis, "blmove", first_reply_swallowed)
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
-    await wait_until(lambda: consumer.stats.applied == 2)
-    stop.set()
-    await asyncio.wait_for(task, 2)
+    lost = await run_losing_the_first_move(redis, consumer, monkeypatch, silent_retry)
     assert lost == 1
     assert consumer.stats.requeued == 1
     assert consumer.stats.redis_errors == 0  # nothing was reported: found by looking
