@@ -256,8 +256,8 @@ class TokenActivity:
 class Progress:
     """Notes when a counter last advanced: "the last successful Redis write was N s ago".
 
-    The counters it watches (status writes, publish batches) only count successes, so a
-    counter that stops moving means Redis stopped accepting writes. ``sample`` is called a few
+    The counter it watches (successful status writes) only counts successes, so a counter
+    that stops moving means Redis stopped accepting writes. ``sample`` is called a few
     times a second; the age it reports is therefore late by at most one sampling period.
     """
 

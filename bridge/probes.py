@@ -77,8 +77,12 @@ class Readiness:
 
     Ready means all of: the websocket is connected, its subscriptions were reconciled with
     ``<ns>:subscriptions`` after the latest connect, a frame arrived within ``max_frame_age``
-    (a stalled feed is about to be dropped by the watchdog), and Redis accepted a write within
-    ``max_redis_age``. Each failed condition adds a reason, so a 503 says what is wrong.
+    (a stalled feed is about to be dropped by the watchdog), and Redis accepted a keyspace write
+    within ``max_redis_age``. Each failed condition adds a reason, so a 503 says what is wrong.
+
+    "Writable" means the keyspace, not pub/sub: a Redis out of memory (``noeviction``) or demoted
+    to a read-only replica still takes ``PUBLISH``, yet it can neither apply a command nor keep
+    the status, and a replica's publishes never reach the master's subscribers.
     """
 
     def __init__(
@@ -91,12 +95,14 @@ class Readiness:
         redis_write_age: Callable[[], float | None],
         max_frame_age: float,
         max_redis_age: float = DEFAULT_MAX_REDIS_AGE,
+        redis_error: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._state = state
         self._connected = connected
         self._reconciled = reconciled
         self._last_frame_age = last_frame_age
         self._redis_write_age = redis_write_age
+        self._redis_error = redis_error
         self.max_frame_age = max_frame_age
         self.max_redis_age = max_redis_age
 
@@ -114,10 +120,14 @@ class Readiness:
             if frame_age is None or frame_age > self.max_frame_age:
                 shown = "never" if frame_age is None else f"{frame_age:.1f} s ago"
                 reasons.append(f"feed is stale: last frame {shown}")
+        redis_reason = None
         if redis_age is None:
-            reasons.append("redis not writable: no successful write yet")
+            redis_reason = "redis not writable: no successful write yet"
         elif redis_age > self.max_redis_age:
-            reasons.append(f"redis not writable: last successful write {redis_age:.1f} s ago")
+            redis_reason = f"redis not writable: last successful write {redis_age:.1f} s ago"
+        if redis_reason is not None:
+            error = self._redis_error()
+            reasons.append(redis_reason if error is None else f"{redis_reason} ({error})")
         details = {
             "last_frame_age": _rounded(frame_age),
             "redis_write_age": _rounded(redis_age),

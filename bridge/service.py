@@ -134,15 +134,15 @@ class Bridge:
             max_wait=redis_max_wait,
         )
         self.status = StatusReporter(self.redis, ns, self._counters)
-        # Successful status writes (every second) and publish batches both prove Redis takes
-        # writes; either advancing keeps /readyz's Redis check green.
+        # Successful status writes (every 0.5 s) prove Redis takes keyspace writes. Publishes
+        # do not count: an OOM or read-only Redis still takes PUBLISH (see Readiness).
         self.metrics = BridgeMetrics(
             feed=self.feed,
             publisher=self.publisher,
             control=self.control,
             state=lambda: self.status.state,
             latency=latency,
-            redis_counters=lambda: self.status.writes + self.publisher.stats.batches,
+            redis_counters=lambda: self.status.writes,
         )
         self.probes: ProbeServer | None = None
         if settings.http_port:
@@ -152,6 +152,7 @@ class Bridge:
                 reconciled=self._reconciled,
                 last_frame_age=self._last_frame_age,
                 redis_write_age=self.metrics.redis_writes.age,
+                redis_error=lambda: self.status.last_error,
                 max_frame_age=settings.liveness_timeout,
             )
             self.probes = ProbeServer(

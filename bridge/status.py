@@ -85,6 +85,9 @@ class StatusReporter:
         self.state: State = "starting"
         self.since = now()
         self.writes = 0
+        #: Why the latest write failed (``None`` after a success): ``/readyz`` shows it, because
+        #: "OOM command not allowed" or "READONLY" says more than "no write for 4 s".
+        self.last_error: str | None = None
 
     def set_state(self, state: State) -> None:
         """Record a state change; the running loop writes it at once."""
@@ -117,8 +120,10 @@ class StatusReporter:
             await self._redis.hset(self.key, mapping=self.fields())
         except (RedisError, OSError) as exc:
             self._outage.failed(exc)
+            self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             return False
         self._outage.recovered()
+        self.last_error = None
         self.writes += 1
         return True
 

@@ -61,6 +61,7 @@ class World:
     reconciled: bool = True
     frame_age: float | None = 0.2
     redis_age: float | None = 0.5
+    redis_error: str | None = None
 
     def readiness(self) -> Readiness:
         return Readiness(
@@ -69,6 +70,7 @@ class World:
             reconciled=lambda: self.reconciled,
             last_frame_age=lambda: self.frame_age,
             redis_write_age=lambda: self.redis_age,
+            redis_error=lambda: self.redis_error,
             max_frame_age=5.0,
             max_redis_age=3.0,
         )
@@ -98,13 +100,19 @@ def test_ready_when_everything_holds() -> None:
         ({"frame_age": None}, "feed is stale: last frame never"),
         ({"redis_age": 3.5}, "redis not writable: last successful write 3.5 s ago"),
         ({"redis_age": None}, "redis not writable: no successful write yet"),
+        (
+            {"redis_age": 4.0, "redis_error": "OutOfMemoryError: command not allowed"},
+            "redis not writable: last successful write 4.0 s ago "
+            "(OutOfMemoryError: command not allowed)",
+        ),
+        ({"redis_error": "ReadOnlyError: a late error"}, None),  # recent write: still ready
     ],
 )
-def test_each_failed_condition_is_a_reason(change: dict[str, Any], reason: str) -> None:
+def test_each_failed_condition_is_a_reason(change: dict[str, Any], reason: str | None) -> None:
     world = World(**change)
     report = world.readiness().check()
-    assert not report.ready
-    assert report.reasons == (reason,)
+    assert report.reasons == (() if reason is None else (reason,))
+    assert report.ready is (reason is None)
 
 
 def test_reasons_accumulate() -> None:

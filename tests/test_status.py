@@ -111,9 +111,14 @@ async def test_outage_is_logged_once_and_never_raises(
     server.connected = False
     with capture_logs() as logs:
         assert not await reporter.write()
+        errors = [reporter.last_error]
         assert not await reporter.write()
         server.connected = True
         assert await reporter.write()
+        errors.append(reporter.last_error)
+    assert errors[0] is not None
+    assert errors[0].startswith("ConnectionError")
+    assert errors[1] is None  # /readyz shows only a current failure
     assert [e["event"] for e in logs] == ["redis_unavailable", "redis_recovered"]
 
 

@@ -13,7 +13,9 @@ import time
 from typing import Any
 
 import orjson
-from helpers import Launch, MakeRedis, redis_up, wait_until
+import pytest
+from helpers import Launch, MakeRedis, free_port, redis_up, wait_until
+from helpers import command as send_command
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -303,3 +305,69 @@ async def test_a_hung_redis_under_load_never_stalls_the_websocket(
     )
     code, _ = await bridge.stop()
     assert code == 0
+
+
+@pytest.mark.parametrize("refusal", ["oom", "readonly"])
+async def test_redis_refusing_writes_is_not_ready(
+    refusal: str,
+    make_sim: MakeSim,
+    launch: Launch,
+    listen: Listen,
+    private_redis: MakeRedis,
+    namespace: str,
+) -> None:
+    """Out of memory, or demoted to a replica: PUBLISH still works, keyspace writes do not.
+
+    Ticks keep flowing, but the bridge can neither apply a command nor keep its status, so
+    ``/readyz`` must say 503 with Redis's own words, and be 200 again once Redis takes writes.
+    """
+    server = await private_redis()
+    admin = Redis.from_url(server.url)
+    sim = await make_sim(tick_interval=0.05)
+    bridge = await launch(sim, server.url, BRIDGE_SUBSCRIBE=f"quote:{BASE_TOKEN}")
+    listener = await listen(server.url)
+    await wait_until(bridge.ready, within=15)
+
+    if refusal == "oom":
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", "1")
+        words = "command not allowed when used memory"
+    else:
+        await admin.replicaof("127.0.0.1", free_port())  # nobody there
+        words = "read only replica"
+    refused_at = time.monotonic()
+    try:
+        reports: list[dict[str, Any]] = []
+
+        async def refused() -> bool:
+            status, body = await bridge.readiness()
+            reports.append(body)
+            return status == 503
+
+        await wait_until(refused, within=10, step=0.25)
+        not_ready_after = time.monotonic() - refused_at
+        reasons = reports[-1]["reasons"]
+        assert len(reasons) == 1, reasons
+        assert reasons[0].startswith("redis not writable"), reasons
+        assert words in reasons[0], reasons
+        before = listener.total_ticks
+        await wait_until(lambda: listener.total_ticks > before + 20, within=5)  # still flowing
+        assert bridge.alive()
+    finally:
+        if refusal == "oom":
+            await admin.config_set("maxmemory", "0")
+        else:
+            await admin.replicaof("NO", "ONE")
+
+    lifted_at = time.monotonic()
+    await wait_until(bridge.ready, within=10)
+    ready_after = time.monotonic() - lifted_at
+    reply = await send_command(
+        admin, namespace, {"id": "after", "action": "subscribe", "mode": "ltp", "tokens": [1]}
+    )
+    assert reply["ok"], reply
+    assert reply["subscriptions"] == {str(BASE_TOKEN): "quote", "1": "ltp"}
+    print(f"{refusal}: 503 after {not_ready_after:.2f}s ({reasons[0]}); ready {ready_after:.2f}s")
+    code, _ = await bridge.stop()
+    assert code == 0
+    await admin.aclose()
