@@ -324,6 +324,7 @@ class BridgeCollector(Collector):
         latency: LatencyHistogram,
         loop_lag: LoopLag | None = None,
         redis_write_age: Callable[[], float | None] = lambda: None,
+        lease_held: Callable[[], bool] | None = None,
         silent_after: float = DEFAULT_SILENCE_AFTER,
         version: str = __version__,
         clock: Callable[[], float] = time.monotonic,
@@ -336,6 +337,7 @@ class BridgeCollector(Collector):
         self._latency = latency
         self._loop_lag = loop_lag
         self._redis_write_age = redis_write_age
+        self._lease_held = lease_held
         self._silent_after = silent_after
         self._version = version
         self._clock = clock
@@ -361,8 +363,14 @@ class BridgeCollector(Collector):
         if age is not None:
             yield _gauge(
                 "bridge_redis_last_write_age_seconds",
-                "Seconds since Redis last accepted a write (status or publish).",
+                "Seconds since Redis last accepted a keyspace write (the status hash).",
                 age,
+            )
+        if self._lease_held is not None:
+            yield _gauge(
+                "bridge_namespace_held",
+                "1 while this bridge holds <ns>:lock and publishes; 0 for a standby.",
+                self._lease_held(),
             )
         if self._loop_lag is not None:
             yield _gauge(
@@ -578,6 +586,7 @@ class BridgeMetrics:
         silent_after: float = DEFAULT_SILENCE_AFTER,
         latency: LatencyHistogram | None = None,
         redis_counters: Callable[[], int] | None = None,
+        lease_held: Callable[[], bool] | None = None,
         process: bool = True,
     ) -> None:
         self.activity = TokenActivity()
@@ -596,6 +605,7 @@ class BridgeMetrics:
             latency=self.latency,
             loop_lag=self.loop_lag,
             redis_write_age=self.redis_writes.age,
+            lease_held=lease_held,
             silent_after=silent_after,
         )
         self.registry.register(self.collector)

@@ -79,6 +79,7 @@ class Readiness:
     ``<ns>:subscriptions`` after the latest connect, a frame arrived within ``max_frame_age``
     (a stalled feed is about to be dropped by the watchdog), and Redis accepted a keyspace write
     within ``max_redis_age``. Each failed condition adds a reason, so a 503 says what is wrong.
+    A standby (bridge/lease.py) is not ready, for that reason alone.
 
     "Writable" means the keyspace, not pub/sub: a Redis out of memory (``noeviction``) or demoted
     to a read-only replica still takes ``PUBLISH``, yet it can neither apply a command nor keep
@@ -96,6 +97,7 @@ class Readiness:
         max_frame_age: float,
         max_redis_age: float = DEFAULT_MAX_REDIS_AGE,
         redis_error: Callable[[], str | None] = lambda: None,
+        standby: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._state = state
         self._connected = connected
@@ -103,11 +105,19 @@ class Readiness:
         self._last_frame_age = last_frame_age
         self._redis_write_age = redis_write_age
         self._redis_error = redis_error
+        self._standby = standby
         self.max_frame_age = max_frame_age
         self.max_redis_age = max_redis_age
 
     def check(self) -> ReadinessReport:
         """Every failed condition, not just the first, so one 503 says all that is wrong."""
+        holder = self._standby()
+        if holder is not None:  # waiting by design: the other conditions would only mislead
+            return ReadinessReport(
+                "standby",
+                (f"standby: another bridge holds the namespace ({holder})",),
+                {"last_frame_age": None, "redis_write_age": None},
+            )
         state = self._state()
         reasons: list[str] = []
         frame_age = self._last_frame_age()

@@ -1,8 +1,9 @@
 """``bridge run``: wire the feed, publisher, control consumer and status together, and own the
 process lifecycle of CONTRACT §6.
 
-Start-up: connect Redis (retrying for as long as it takes), put back commands a previous run
-left in processing, merge ``BRIDGE_SUBSCRIBE`` into ``<ns>:subscriptions``, load that set into
+Start-up: connect Redis (retrying for as long as it takes), take the namespace's lease (waiting
+as a standby while another live bridge holds it, bridge/lease.py), put back commands a previous
+run left in processing, merge ``BRIDGE_SUBSCRIBE`` into ``<ns>:subscriptions``, load that set into
 the feed *before* it connects (so the first handshake already subscribes), then run. On every
 (re)connect the set is read from Redis again and the feed reconciled to it, so a restarted
 bridge resumes exactly its subscriptions without any command.
@@ -13,7 +14,8 @@ bounded so the process exits within 5 s. A second signal exits at once.
 
 Exit codes: 0 stopped by a signal, 1 crash (logged with its traceback), 2 invalid credentials
 (normally caught by the config first), 3 the handshake was refused (HTTP 403), 4 reconnect
-retries exhausted.
+retries exhausted, 5 another bridge took the namespace over (a restart makes this one its
+standby).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from bridge.kite.feed import LOGGER_NAME, KiteFeed
 from bridge.kite.messages import KiteError, KiteMessage, OtherMessage
 from bridge.kite.records import Mode
 from bridge.kite.retry import AuthError, RetriesExhausted
+from bridge.lease import LeaseState, NamespaceLease
 from bridge.metrics import BridgeMetrics, LatencyHistogram, TimedTransport
 from bridge.payload import event_json
 from bridge.probes import ProbeServer, Readiness
@@ -48,12 +51,13 @@ from bridge.publisher import Publisher
 from bridge.redis_client import Outage, create_redis
 from bridge.status import State, StatusCounters, StatusReporter
 from bridge.subscriptions import SubscriptionStore
-from bridge.transports import UnrepliedTransport
+from bridge.transports import FencedTransport, UnrepliedTransport
 
 __all__ = [
     "EXIT_AUTH",
     "EXIT_CONFIG",
     "EXIT_CRASH",
+    "EXIT_LEASE_LOST",
     "EXIT_OK",
     "EXIT_RETRIES",
     "Bridge",
@@ -65,6 +69,11 @@ EXIT_CRASH: Final = 1
 EXIT_CONFIG: Final = 2
 EXIT_AUTH: Final = 3
 EXIT_RETRIES: Final = 4
+EXIT_LEASE_LOST: Final = 5
+#: Seconds between renewals of the namespace lease (its TTL is lease.DEFAULT_TTL).
+LEASE_RENEW_INTERVAL: Final = 1.0
+#: A standby repeats "still waiting" this often (seconds), not on every attempt.
+_STANDBY_LOG_EVERY: Final = 60.0
 
 #: Set to 1/true to run on uvloop (if installed). Default: the stdlib loop (ecosystem-notes §3:
 #: the loop is not the bottleneck here).
@@ -112,12 +121,17 @@ class Bridge:
         self.redis = redis or create_redis(settings.redis_url, client_name=f"bridge:{ns}")
         self._owns_redis = redis is None
         self.store = SubscriptionStore(self.redis, ns)
+        self.lease = NamespaceLease(self.redis, ns)
+        #: Who holds the namespace while this bridge waits as its standby; None otherwise.
+        self._standby_for: str | None = None
         # Timed per batch, never per tick: the publisher exists before the metrics do.
         latency = LatencyHistogram()
         self.publisher = Publisher(
             self.redis,
             ns,
-            transport=TimedTransport(UnrepliedTransport(self.redis), latency),
+            transport=TimedTransport(
+                FencedTransport(UnrepliedTransport(self.redis), self.lease.valid), latency
+            ),
             max_lag=settings.max_lag,
             base_wait=redis_base_wait,
             max_wait=redis_max_wait,
@@ -143,6 +157,7 @@ class Bridge:
             state=lambda: self.status.state,
             latency=latency,
             redis_counters=lambda: self.status.writes,
+            lease_held=lambda: self.lease.held,
         )
         self.probes: ProbeServer | None = None
         if settings.http_port:
@@ -153,6 +168,7 @@ class Bridge:
                 last_frame_age=self._last_frame_age,
                 redis_write_age=self.metrics.redis_writes.age,
                 redis_error=lambda: self.status.last_error,
+                standby=lambda: self._standby_for,
                 max_frame_age=settings.liveness_timeout,
             )
             self.probes = ProbeServer(
@@ -235,12 +251,16 @@ class Bridge:
             pid=os.getpid(),
         )
         self.publisher.start()
-        status_task = asyncio.create_task(self.status.run(), name="status")
         tasks: dict[str, asyncio.Task[Any]] = {}
         code = EXIT_OK
         try:
             try:
                 await self._start_http()
+                await self._with_redis("ping", self.redis.ping)
+                await self._hold_namespace()
+                # Only the lease holder writes anything of the namespace, its status included.
+                tasks["status"] = asyncio.create_task(self.status.run(), name="status")
+                tasks["lease"] = asyncio.create_task(self._keep_lease(), name="lease")
                 await self._prepare()
             except _Stopping:
                 pass
@@ -254,20 +274,20 @@ class Bridge:
                 tasks["feed"] = asyncio.create_task(self.feed.connect(), name="feed")
                 tasks["control"] = asyncio.create_task(self.control.run(self._stop), name="control")
                 tasks["guard"] = asyncio.create_task(self._guard_subscriptions(), name="guard")
-                code = await self._supervise(tasks, status_task)
+                code = await self._supervise(tasks)
         except Exception:
             _log.exception("bridge_crashed")
             code = EXIT_CRASH
         finally:
             try:
                 async with asyncio.timeout(self._shutdown_timeout):
-                    await self._shutdown(code, tasks, status_task)
+                    await self._shutdown(code, tasks)
             except TimeoutError:
                 _log.error("shutdown_timeout", seconds=self._shutdown_timeout)
             except Exception:  # finish shutting down whatever went wrong
                 _log.exception("shutdown_failed")
             finally:
-                await self._abandon(tasks, status_task)
+                await self._abandon(tasks)
                 if self._install_signals:
                     for sig in (signal.SIGTERM, signal.SIGINT):
                         loop.remove_signal_handler(sig)
@@ -300,9 +320,65 @@ class Bridge:
             raise _ListenFailed from exc
         self._sampler = asyncio.create_task(self.metrics.sample(), name="metrics-sampler")
 
+    async def _hold_namespace(self) -> None:
+        """Take ``<ns>:lock``, waiting as a standby for as long as another bridge holds it."""
+        waiting_since: float | None = None
+        logged_at = 0.0
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        try:
+            while await self._with_redis("lease", self.lease.acquire) is LeaseState.TAKEN:
+                now = time.monotonic()
+                self._standby_for = self.lease.describe_holder()
+                if waiting_since is None or now - logged_at >= _STANDBY_LOG_EVERY:
+                    _log.warning(
+                        "namespace_in_use",
+                        key=self.lease.key,
+                        holder=self._standby_for,
+                        action="waiting as standby; taking over when it stops",
+                        waited=0.0 if waiting_since is None else round(now - waiting_since, 1),
+                    )
+                    logged_at = now
+                    waiting_since = waiting_since or now
+                await asyncio.wait({stop_wait}, timeout=LEASE_RENEW_INTERVAL)
+                if stop_wait.done():
+                    raise _Stopping
+        finally:
+            stop_wait.cancel()
+            self._standby_for = None
+        if waiting_since is not None:
+            _log.info(
+                "namespace_taken_over",
+                key=self.lease.key,
+                waited=round(time.monotonic() - waiting_since, 3),
+            )
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease every second; return only when another bridge holds the namespace.
+
+        A failed renewal is not a loss: the lease's own clock closes the publish gate if they
+        keep failing, and the next success reopens it.
+        """
+        base_wait, max_wait = self._redis_waits
+        outage = Outage("lease", _log, base_wait=base_wait, max_wait=max_wait)
+        while True:
+            await asyncio.sleep(LEASE_RENEW_INTERVAL)
+            try:
+                state = await self.lease.renew()
+            except (RedisError, OSError) as exc:
+                outage.failed(exc)
+                continue
+            outage.recovered()
+            if state is LeaseState.TAKEN:
+                _log.error(
+                    "namespace_lost",
+                    key=self.lease.key,
+                    holder=self.lease.describe_holder(),
+                    consequence=f"stopping without publishing more (exit {EXIT_LEASE_LOST})",
+                )
+                return
+
     async def _prepare(self) -> None:
         """Everything that needs Redis before the feed may connect, each step retried."""
-        await self._with_redis("ping", self.redis.ping)
         await self._with_redis("requeue", self.control.requeue)
         desired = await self._with_redis("load_subscriptions", self.store.load)
         extra = self.settings.subscribe
@@ -394,12 +470,10 @@ class Bridge:
         finally:
             stop_wait.cancel()
 
-    async def _supervise(
-        self, tasks: dict[str, asyncio.Task[Any]], status_task: asyncio.Task[None]
-    ) -> int:
+    async def _supervise(self, tasks: dict[str, asyncio.Task[Any]]) -> int:
         """Wait for a stop request or for any task to end; map that to an exit code."""
         stop_wait = asyncio.create_task(self._stop.wait(), name="stop-wait")
-        watched: set[asyncio.Task[Any]] = {stop_wait, status_task, *tasks.values()}
+        watched: set[asyncio.Task[Any]] = {stop_wait, *tasks.values()}
         publisher_task = self.publisher.start()
         watched.add(publisher_task)
         try:
@@ -409,6 +483,8 @@ class Bridge:
         feed_task = tasks["feed"]
         if feed_task in done:
             return self._feed_ended(feed_task)
+        if tasks["lease"] in done and self.lease.lost:
+            return EXIT_LEASE_LOST
         if stop_wait in done:
             return EXIT_OK
         for task in done:  # a component that should run forever ended
@@ -433,9 +509,12 @@ class Bridge:
         _log.error("feed_ended_unexpectedly")
         return EXIT_CRASH
 
-    async def _shutdown(
-        self, code: int, tasks: dict[str, asyncio.Task[Any]], status_task: asyncio.Task[None]
-    ) -> None:
+    async def _shutdown(self, code: int, tasks: dict[str, asyncio.Task[Any]]) -> None:
+        # A standby, or a bridge whose namespace was taken over, must not write a thing there:
+        # no last publishes, no `stopped` event, no status over the new holder's.
+        owner = self.lease.held
+        if "lease" in tasks:  # a renewal after the release below would take the lease again
+            tasks["lease"].cancel()
         if self.status.state != "auth_failed":
             self.status.set_state("stopping")
         self._stop.set()
@@ -449,29 +528,33 @@ class Bridge:
                 _log.warning("shutdown_step_failed", error=repr(outcome))
         if self._resync_task is not None:
             self._resync_task.cancel()
-        self.publisher.publish_event(event_json("stopped", exit_code=code))
-        await self.publisher.close(timeout=1.0)
-        status_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await status_task
+        if owner:
+            self.publisher.publish_event(event_json("stopped", exit_code=code))
+        await self.publisher.close(timeout=1.0 if owner else 0)
+        status_task = tasks.get("status")
+        if status_task is not None:
+            status_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await status_task
         final: State = "auth_failed" if self.status.state == "auth_failed" else "stopped"
         self.status.set_state(final)
+        if not owner:
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(0.5):
                 await self.status.write()
+        with contextlib.suppress(TimeoutError, RedisError, OSError):
+            async with asyncio.timeout(0.5):
+                await self.lease.release()  # a standby takes over now, not a TTL later
 
     async def _close_feed(self, feed_task: asyncio.Task[Any]) -> None:
         await self.feed.close()
         with contextlib.suppress(Exception):
             await feed_task
 
-    async def _abandon(
-        self, tasks: dict[str, asyncio.Task[Any]], status_task: asyncio.Task[None]
-    ) -> None:
+    async def _abandon(self, tasks: dict[str, asyncio.Task[Any]]) -> None:
         """Cancel whatever a bounded shutdown step left running, then close Redis."""
-        leftovers = [
-            t for t in (*tasks.values(), status_task, self._resync_task, self._sampler) if t
-        ]
+        leftovers = [t for t in (*tasks.values(), self._resync_task, self._sampler) if t]
         for task in leftovers:
             task.cancel()
         await asyncio.gather(*leftovers, return_exceptions=True)

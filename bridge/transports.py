@@ -15,21 +15,26 @@ attached, docs/performance.md):
 Each falls back to the next for good on its first refusal (a ``ResponseError``: the command is
 unknown, or an ACL denies it; for ``CLIENT REPLY`` also a server that ignores it), logging it
 once, so the bridge uses the fastest the server accepts.
+
+:class:`FencedTransport` wraps any of them so that nothing is sent while the bridge cannot be
+sure it still holds its namespace (bridge/lease.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 import structlog
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 __all__ = [
     "LUA_PUBLISH",
+    "FencedTransport",
     "LuaTransport",
+    "NotLeaseholder",
     "PipelineTransport",
     "Transport",
     "UnrepliedTransport",
@@ -54,6 +59,29 @@ class Transport(Protocol):
     """
 
     def __call__(self, flat: list[bytes], /) -> Awaitable[int]: ...
+
+
+class NotLeaseholder(RedisError):
+    """Raised instead of sending while the namespace lease is not confirmed.
+
+    A ``RedisError`` on purpose: the publisher then does what it does in an outage (keeps the
+    batch, conflates, backs off, logs once) until the lease is confirmed again or the bridge
+    stops. A bridge cut off from Redis for longer than the lease must not flush its backlog of
+    old prices into channels a standby has been publishing to meanwhile.
+    """
+
+
+class FencedTransport:
+    """Sends through ``inner`` only while ``gate()`` says the namespace is still ours."""
+
+    def __init__(self, inner: Transport, gate: Callable[[], bool]) -> None:
+        self._inner = inner
+        self._gate = gate
+
+    async def __call__(self, flat: list[bytes], /) -> int:
+        if not self._gate():
+            raise NotLeaseholder("the namespace lease is not confirmed: holding the batch")
+        return await self._inner(flat)
 
 
 class PipelineTransport:

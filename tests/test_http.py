@@ -62,6 +62,7 @@ class World:
     frame_age: float | None = 0.2
     redis_age: float | None = 0.5
     redis_error: str | None = None
+    standby: str | None = None
 
     def readiness(self) -> Readiness:
         return Readiness(
@@ -71,6 +72,7 @@ class World:
             last_frame_age=lambda: self.frame_age,
             redis_write_age=lambda: self.redis_age,
             redis_error=lambda: self.redis_error,
+            standby=lambda: self.standby,
             max_frame_age=5.0,
             max_redis_age=3.0,
         )
@@ -113,6 +115,19 @@ def test_each_failed_condition_is_a_reason(change: dict[str, Any], reason: str |
     report = world.readiness().check()
     assert report.reasons == (() if reason is None else (reason,))
     assert report.ready is (reason is None)
+
+
+def test_a_standby_is_not_ready_for_that_reason_alone() -> None:
+    world = World(connected=False, state="starting", redis_age=None)
+    world.standby = "host pid 7 since then"
+    report = world.readiness().check()
+    assert orjson.loads(report.json()) == {
+        "ready": False,
+        "state": "standby",
+        "reasons": ["standby: another bridge holds the namespace (host pid 7 since then)"],
+        "last_frame_age": None,
+        "redis_write_age": None,
+    }
 
 
 def test_reasons_accumulate() -> None:

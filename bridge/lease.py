@@ -1,0 +1,255 @@
+"""``<ns>:lock``: one bridge at a time publishes for a namespace; a second one waits as standby.
+
+Two bridges on one namespace (a second ``docker compose`` project, ``bridge run`` on a laptop
+beside the container, a rolling update) would each hold a Kite websocket and publish every tick
+twice, split the control queue between them and overwrite each other's status: consumers would
+see duplicated ticks and nothing would say why. So a bridge must hold a lease before it touches
+anything of the namespace:
+
+* ``SET <ns>:lock <identity> NX PX <ttl>`` takes it. A bridge that finds it taken waits, logging
+  who holds it, and takes over within ``ttl`` of the holder dying (a clean stop releases it at
+  once): a hot standby for free.
+* The holder renews it every second with a script that extends the key only if it is still its
+  own (and takes it again if it vanished). A script, not ``WATCH``/``MULTI``: Redis refuses
+  every command queued in a transaction when it is out of memory, but runs ``GET`` and
+  ``PEXPIRE`` in a script, so an out-of-memory Redis that still takes ``PUBLISH`` does not
+  stop the ticks. Where scripting is refused (an ACL, a proxy, fakeredis) the same steps run
+  under ``WATCH``. Redis's clock expires a lease its holder stopped renewing; the holder's
+  own clock closes its :meth:`~NamespaceLease.valid` gate a margin earlier, so a bridge cut
+  off from Redis stops publishing before a standby can have taken over. A server that answers
+  but refuses writes (out of memory, read-only replica) refuses them to a standby as well, so
+  it keeps the gate open.
+* A holder that finds the key held by another identity has lost it (Redis restarted empty and
+  a standby was quicker, or a partition outlived the TTL): it must stop publishing at once.
+
+The identity is JSON (``host``, ``pid``, ``since``, a random ``id``), so ``GET <ns>:lock`` tells an
+operator which process holds the namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Final
+
+import orjson
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import (
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    WatchError,
+)
+
+__all__ = ["DEFAULT_TTL", "LeaseState", "NamespaceLease"]
+
+_log = structlog.get_logger(__name__)
+
+#: Extend the lease if it is ours, take it if it is free: 1; someone else's: their identity.
+_RENEW: Final = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return holder
+"""
+#: Delete the lease only if it is ours: 1 if it was.
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+#: Seconds a holder that stopped renewing (crashed, frozen, cut off) keeps the namespace.
+DEFAULT_TTL: Final = 5.0
+#: The holder's gate closes this fraction of the TTL after its last confirmed renewal, leaving
+#: room for the two clocks, Redis's and ours, to disagree a little.
+_GATE_FRACTION: Final = 0.8
+
+
+class LeaseState(Enum):
+    HELD = "held"
+    TAKEN = "taken"  # another identity holds it
+
+
+class NamespaceLease:
+    """The lease on ``<ns>:lock``; every call is one short Redis exchange, raising its errors."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        namespace: str,
+        *,
+        ttl: float = DEFAULT_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.key = f"{namespace}:lock"
+        self.ttl = ttl
+        self.identity: bytes = orjson.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "since": datetime.now(UTC).isoformat(timespec="seconds"),
+                "id": secrets.token_hex(8),
+            }
+        )
+        #: The holder's identity as last seen by a failed :meth:`acquire` or :meth:`renew`.
+        self.holder: bytes | None = None
+        self.held = False
+        self.lost = False
+        self._redis = redis
+        self._clock = clock
+        self._confirmed_at: float | None = None
+        self._renew_script = redis.register_script(_RENEW)
+        self._release_script = redis.register_script(_RELEASE)
+        self._scripting = True
+
+    @property
+    def _ttl_ms(self) -> int:
+        return max(1, round(self.ttl * 1000))
+
+    def valid(self) -> bool:
+        """Is the lease certainly still ours? The publisher's gate: cheap, no I/O."""
+        confirmed = self._confirmed_at
+        return (
+            not self.lost
+            and confirmed is not None
+            and self._clock() - confirmed < self.ttl * _GATE_FRACTION
+        )
+
+    async def acquire(self) -> LeaseState:
+        """Take the lease if it is free (or already ours)."""
+        sent_at = self._clock()
+        if await self._redis.set(self.key, self.identity, nx=True, px=self._ttl_ms):
+            return self._confirm(sent_at)
+        # Taken, or taken by us: a SET whose reply was lost and that redis-py retried.
+        return await self.renew()
+
+    async def renew(self) -> LeaseState:
+        """Extend our lease; take it again if it vanished; TAKEN if someone else holds it."""
+        if self._scripting:
+            sent_at = self._clock()
+            try:
+                result = await self._renew_script(
+                    keys=[self.key], args=[self.identity, self._ttl_ms]
+                )
+            except (OutOfMemoryError, ReadOnlyError):
+                if self.held:
+                    # The server answered, and it refuses writes to everyone: nobody can take
+                    # the lease from us there, so the gate stays open and the ticks keep
+                    # flowing to its subscribers (PUBLISH still works). Still a failure.
+                    self._confirmed_at = sent_at
+                raise
+            except ResponseError as exc:
+                if not self._scripting_refused(exc):
+                    raise
+            else:
+                if result == 1:
+                    return self._confirm(sent_at)
+                return self._taken(_bytes(result))
+        return await self._renew_watched()
+
+    async def release(self) -> bool:
+        """Give the lease up (a clean stop), only if it is still ours; True if it was."""
+        self.held = False
+        self._confirmed_at = None
+        if self._scripting:
+            try:
+                released = await self._release_script(keys=[self.key], args=[self.identity])
+            except ResponseError as exc:
+                if not self._scripting_refused(exc):
+                    raise
+            else:
+                return bool(released)
+        return await self._release_watched()
+
+    def _scripting_refused(self, exc: ResponseError) -> bool:
+        """Scripting is unavailable here (for good): switch to ``WATCH``, logging it once."""
+        refused = isinstance(exc, NoPermissionError) or (
+            type(exc) is ResponseError and "unknown command" in str(exc).lower()
+        )
+        if refused:
+            _log.warning("lease_scripting_refused", error=str(exc), fallback="watch")
+            self._scripting = False
+        return refused
+
+    async def _renew_watched(self) -> LeaseState:
+        while True:
+            sent_at = self._clock()
+            try:
+                # Leaving the block resets the connection (UNWATCH) whatever happened inside.
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    await pipe.watch(self.key)
+                    current = await pipe.get(self.key)
+                    if current is not None and current != self.identity:
+                        return self._taken(_bytes(current))
+                    extended = 0
+                    if current is not None:
+                        pipe.multi()  # type: ignore[no-untyped-call]  # redis-py: no annotations
+                        pipe.pexpire(self.key, self._ttl_ms)
+                        (extended,) = await pipe.execute()
+            except WatchError:
+                continue  # changed between GET and EXEC: look again
+            if extended:
+                return self._confirm(sent_at)
+            # Expired, or lost with a Redis restart: whoever sets it first holds it.
+            if await self._redis.set(self.key, self.identity, nx=True, px=self._ttl_ms):
+                return self._confirm(sent_at)
+            # Someone was quicker: the next round says who.
+
+    async def _release_watched(self) -> bool:
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(self.key)
+                if await pipe.get(self.key) != self.identity:
+                    return False
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.delete(self.key)
+                await pipe.execute()
+        except WatchError:
+            return False
+        return True
+
+    def describe_holder(self) -> str:
+        """``host pid N since T`` for logs and ``/readyz``; the raw value if it is not ours."""
+        raw = self.holder
+        if raw is None:
+            return "unknown"
+        try:
+            who = orjson.loads(raw)
+            return f"{who['host']} pid {who['pid']} since {who['since']}"
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return raw[:200].decode("utf-8", "replace")
+
+    def _confirm(self, sent_at: float) -> LeaseState:
+        # Redis set the expiry when it received the request, after ``sent_at``: counting from
+        # ``sent_at`` errs on the safe side.
+        self.held = True
+        self.holder = self.identity
+        self._confirmed_at = sent_at
+        return LeaseState.HELD
+
+    def _taken(self, current: bytes) -> LeaseState:
+        self.holder = current
+        if self.held:
+            self.lost = True
+            self.held = False
+        self._confirmed_at = None
+        return LeaseState.TAKEN
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()

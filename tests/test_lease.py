@@ -1,0 +1,151 @@
+"""The namespace lease (bridge/lease.py), on both of its paths.
+
+``script``: a real Redis, where the renewal and release are Lua scripts (the path production
+takes). ``watch``: fakeredis, which refuses scripting, so the lease falls back to
+``WATCH``/``MULTI`` after logging it once. Every behaviour must hold on both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import fakeredis
+import orjson
+import pytest
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
+
+from bridge.lease import DEFAULT_TTL, LeaseState, NamespaceLease
+from bridge.transports import FencedTransport, NotLeaseholder
+
+
+@pytest.fixture(params=["script", "watch"])
+async def client(
+    request: pytest.FixtureRequest, server: fakeredis.FakeServer, namespace: str
+) -> AsyncIterator[Redis]:
+    if request.param == "script":
+        redis: Redis = Redis.from_url(request.getfixturevalue("redis_url"))
+    else:
+        redis = fakeredis.FakeAsyncRedis(server=server)
+    yield redis
+    await redis.delete(f"{namespace}:lock")
+    await redis.aclose()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_the_first_holds_the_second_waits(client: Redis, namespace: str) -> None:
+    first, second = NamespaceLease(client, namespace), NamespaceLease(client, namespace)
+    assert await first.acquire() is LeaseState.HELD
+    assert first.held
+    assert first.valid()
+    assert await second.acquire() is LeaseState.TAKEN
+    assert not second.held
+    assert not second.valid()
+    assert second.holder == first.identity
+    who = orjson.loads(first.identity)
+    assert second.describe_holder() == f"{who['host']} pid {who['pid']} since {who['since']}"
+    assert await client.get(f"{namespace}:lock") == first.identity
+    assert 0 < await client.pttl(f"{namespace}:lock") <= DEFAULT_TTL * 1000
+
+
+async def test_renew_extends_only_our_own_lease(client: Redis, namespace: str) -> None:
+    lease = NamespaceLease(client, namespace, ttl=60)
+    assert await lease.acquire() is LeaseState.HELD
+    await client.pexpire(lease.key, 500)
+    assert await lease.renew() is LeaseState.HELD
+    assert await client.pttl(lease.key) > 50_000
+
+
+async def test_a_vanished_lease_is_taken_again(client: Redis, namespace: str) -> None:
+    """Redis restarted without the key, or it expired while Redis was out of reach."""
+    lease = NamespaceLease(client, namespace)
+    assert await lease.acquire() is LeaseState.HELD
+    await client.delete(lease.key)
+    assert await lease.renew() is LeaseState.HELD
+    assert await client.get(lease.key) == lease.identity
+
+
+async def test_a_lease_taken_by_another_is_lost_for_good(client: Redis, namespace: str) -> None:
+    lease = NamespaceLease(client, namespace)
+    assert await lease.acquire() is LeaseState.HELD
+    await client.set(lease.key, b"someone else")
+    assert await lease.renew() is LeaseState.TAKEN
+    assert lease.lost
+    assert not lease.held
+    assert not lease.valid()
+    assert lease.describe_holder() == "someone else"  # not our JSON: shown as it is
+    assert not await lease.release()  # never deletes another holder's lease
+    assert await client.get(lease.key) == b"someone else"
+    await client.delete(lease.key)
+    assert await lease.renew() is LeaseState.HELD  # a standby may hold it again later...
+    assert lease.lost
+    assert not lease.valid()
+
+
+async def test_a_lost_set_reply_still_holds(client: Redis, namespace: str) -> None:
+    """redis-py retried a SET NX whose reply was lost: the key is already ours."""
+    lease = NamespaceLease(client, namespace)
+    await client.set(lease.key, lease.identity, px=5000)
+    assert await lease.acquire() is LeaseState.HELD
+
+
+async def test_release_frees_it_for_the_standby_at_once(client: Redis, namespace: str) -> None:
+    first, second = NamespaceLease(client, namespace), NamespaceLease(client, namespace)
+    assert await first.acquire() is LeaseState.HELD
+    assert await first.release()
+    assert not first.held
+    assert not first.valid()
+    assert await client.exists(first.key) == 0
+    assert await second.acquire() is LeaseState.HELD
+
+
+async def test_the_gate_closes_before_redis_would_expire_the_lease(
+    client: Redis, namespace: str
+) -> None:
+    clock = Clock()
+    lease = NamespaceLease(client, namespace, ttl=5.0, clock=clock)
+    assert not lease.valid()  # never confirmed
+    assert await lease.acquire() is LeaseState.HELD
+    clock.now += 3.9
+    assert lease.valid()
+    clock.now += 0.2  # 4.1 s without a confirmed renewal: 80 % of the TTL
+    assert not lease.valid()
+    assert await lease.renew() is LeaseState.HELD  # confirmed again: open
+    assert lease.valid()
+
+
+async def test_scripting_refused_falls_back_once(
+    server: fakeredis.FakeServer, namespace: str
+) -> None:
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    lease = NamespaceLease(redis, namespace)
+    with capture_logs() as logs:
+        for _ in range(3):
+            assert await lease.acquire() is LeaseState.HELD
+        assert await lease.release()
+    assert [e["event"] for e in logs] == ["lease_scripting_refused"]
+    await redis.aclose()
+
+
+async def test_the_fenced_transport_sends_only_through_an_open_gate() -> None:
+    sent: list[list[bytes]] = []
+
+    async def inner(flat: list[bytes]) -> int:
+        sent.append(flat)
+        return 0
+
+    gate = [False]
+    fenced = FencedTransport(inner, lambda: gate[0])
+    with pytest.raises(NotLeaseholder):
+        await fenced([b"ch", b"msg"])
+    assert sent == []
+    gate[0] = True
+    assert await fenced([b"ch", b"msg"]) == 0
+    assert sent == [[b"ch", b"msg"]]
