@@ -173,7 +173,8 @@ class TimedTransport:
     async def _timed(self, flat: list[bytes]) -> int:
         started = self._clock()
         unheard = await self._inner(flat)
-        self._histogram.observe(self._clock() - started)
+        if flat:  # an idle publisher's keepalive is not a publish
+            self._histogram.observe(self._clock() - started)
         return unheard
 
 

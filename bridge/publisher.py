@@ -32,6 +32,12 @@ are retried until Redis takes them, so a short outage loses none.
 
 A failed round trip is retried with backoff; the whole batch may be re-sent after an
 ambiguous failure, so delivery is at-least-once.
+
+An idle sender (the market is shut, or nothing subscribed) sends an empty batch every
+``keepalive`` seconds. Redis's ``timeout`` setting and NAT or load-balancer idle timers close a
+connection that stays silent, and the publisher's connection is the only one that can stay
+silent for hours; without this the first ticks of the day would pay a failed send and a
+reconnect, or, on a half-open socket, the whole socket timeout.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class PublisherStats:
     backpressure_stalls: int = 0  #: waits given up after ``stall_timeout`` without progress
     backpressure_lagging: int = 0  #: waits skipped or cut short: Redis slow, feed lagging
     errors: int = 0  #: failed round trips
+    keepalives: int = 0  #: empty round trips sent while idle
     batches: int = 0  #: successful round trips
     unheard: int = 0  #: messages no subscriber was listening for
     batch_seconds_total: float = 0.0
@@ -105,6 +112,7 @@ class Publisher:
         slow_round_trip: float = 0.05,
         base_wait: float = 0.05,
         max_wait: float = 5.0,
+        keepalive: float | None = 10.0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if max_pending < 1 or batch_max < 1 or max_events < 1:
@@ -127,6 +135,7 @@ class Publisher:
         self._stall_timeout = stall_timeout
         self._max_lag = max_lag
         self._slow_round_trip = slow_round_trip
+        self._keepalive = keepalive
         self._sending_since: float | None = None
         if transport == "unreplied":
             self._transport: Transport = UnrepliedTransport(redis)
@@ -253,9 +262,24 @@ class Publisher:
             if not self._has_work():
                 self._drained.set()
                 self._wake.clear()
-                await self._wake.wait()
+                try:
+                    async with asyncio.timeout(self._keepalive):
+                        await self._wake.wait()
+                except TimeoutError:
+                    await self._keep_alive()
                 continue
             await self.send_once()
+
+    async def _keep_alive(self) -> None:
+        """One empty round trip on the idle connection (module docstring)."""
+        try:
+            await self._transport([])
+        except (RedisError, OSError) as exc:
+            # Nothing was lost; the next batch reconnects, and an outage is reported by the
+            # status writer and by that batch.
+            _log.debug("publish_keepalive_failed", error=f"{type(exc).__name__}: {exc}")
+        else:
+            self.stats.keepalives += 1
 
     async def send_once(self) -> bool:
         """Send one batch of what is pending; on failure put it back and wait the backoff."""

@@ -9,7 +9,7 @@ from typing import Any
 import fakeredis
 import orjson
 import pytest
-from helpers import ltp, quote, wait_until
+from helpers import MakeRedis, ltp, quote, wait_until
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 from bridge.kite.records import Tick
 from bridge.payload import tick_json
 from bridge.publisher import Publisher
+from bridge.redis_client import create_redis
 from bridge.transports import PipelineTransport
 
 NS = "t"
@@ -510,3 +511,30 @@ def test_water_marks_must_be_ordered(redis: Redis) -> None:
         Publisher(redis, NS, high_water=10, low_water=20)
     with pytest.raises(ValueError, match="high_water <= max_pending"):
         Publisher(redis, NS, max_pending=10, high_water=20)
+
+
+@pytest.mark.parametrize(("keepalive", "errors"), [(0.3, 0), (None, 1)])
+async def test_an_idle_connection_is_kept_alive_past_the_servers_idle_timeout(
+    private_redis: MakeRedis, keepalive: float | None, errors: int
+) -> None:
+    """Redis's ``timeout 1`` closes a connection idle for a second; the keepalive prevents it.
+
+    Without a keepalive (the second case) the first publish after the idle spell fails and is
+    retried: the failure this feature exists to avoid, shown to be real.
+    """
+    server = await private_redis("--timeout", "1")
+    client = create_redis(server.url)
+    publisher = Publisher(client, NS, keepalive=keepalive)
+    publisher.start()
+    try:
+        publisher.publish_event(b'{"n": 1}')
+        assert await publisher.flush(5)
+        await asyncio.sleep(2.5)  # idle well past the server's timeout
+        publisher.publish_event(b'{"n": 2}')
+        assert await publisher.flush(5)
+        assert publisher.stats.events_published == 2
+        assert publisher.stats.errors == errors
+        assert (publisher.stats.keepalives >= 5) is (keepalive is not None)
+    finally:
+        await publisher.close()
+        await client.aclose()
