@@ -43,7 +43,6 @@ reconnect, or, on a half-open socket, the whole socket timeout.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -55,6 +54,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bridge.cancel import cancel_and_wait
 from bridge.kite.records import Tick
 from bridge.payload import tick_json
 from bridge.redis_client import Outage
@@ -248,9 +248,7 @@ class Publisher:
         """Flush (bounded by ``timeout``) then stop the sender; returns whether all was sent."""
         flushed = await self.flush(timeout) if self._task is not None else self.pending == 0
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])  # its Redis calls may swallow one cancel
             self._task = None
         if not flushed:
             _log.warning("publish_flush_incomplete", pending=self.pending)

@@ -35,6 +35,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bridge.cancel import cancel_and_wait
 from bridge.commands import MAX_TOKENS
 from bridge.config import Settings
 from bridge.control import ControlConsumer
@@ -513,8 +514,8 @@ class Bridge:
         # A standby, or a bridge whose namespace was taken over, must not write a thing there:
         # no last publishes, no `stopped` event, no status over the new holder's.
         owner = self.lease.held
-        if "lease" in tasks:  # a renewal after the release below would take the lease again
-            tasks["lease"].cancel()
+        # A renewal after the release below would take the lease again: make sure it has ended.
+        await cancel_and_wait([tasks.get("lease")], timeout=0.5)
         if self.status.state != "auth_failed":
             self.status.set_state("stopping")
         self._stop.set()
@@ -533,9 +534,7 @@ class Bridge:
         await self.publisher.close(timeout=1.0 if owner else 0)
         status_task = tasks.get("status")
         if status_task is not None:
-            status_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await status_task
+            await cancel_and_wait([status_task])
         final: State = "auth_failed" if self.status.state == "auth_failed" else "stopped"
         self.status.set_state(final)
         if not owner:
@@ -554,10 +553,11 @@ class Bridge:
 
     async def _abandon(self, tasks: dict[str, asyncio.Task[Any]]) -> None:
         """Cancel whatever a bounded shutdown step left running, then close Redis."""
-        leftovers = [t for t in (*tasks.values(), self._resync_task, self._sampler) if t]
-        for task in leftovers:
-            task.cancel()
-        await asyncio.gather(*leftovers, return_exceptions=True)
+        stuck = await cancel_and_wait(
+            (*tasks.values(), self._resync_task, self._sampler), timeout=1.0
+        )
+        if stuck:
+            _log.error("shutdown_tasks_abandoned", tasks=sorted(t.get_name() for t in stuck))
         await self.publisher.close(timeout=0)
         if self.probes is not None:
             with contextlib.suppress(Exception):
@@ -565,7 +565,8 @@ class Bridge:
                     await self.probes.stop()
         if self._owns_redis:
             with contextlib.suppress(Exception):
-                await self.redis.aclose()
+                async with asyncio.timeout(1.0):
+                    await self.redis.aclose()
 
     # -- status -----------------------------------------------------------------------------
 
