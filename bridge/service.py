@@ -523,7 +523,7 @@ class Bridge:
         if "control" in tasks:
             steps.append(asyncio.wait({tasks["control"]}, timeout=1.5))
         if "feed" in tasks and not tasks["feed"].done():
-            steps.append(asyncio.wait_for(self._close_feed(tasks["feed"]), timeout=2.0))
+            steps.append(self._close_feed(tasks["feed"], within=2.0))
         for outcome in await asyncio.gather(*steps, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 _log.warning("shutdown_step_failed", error=repr(outcome))
@@ -546,10 +546,11 @@ class Bridge:
             async with asyncio.timeout(0.5):
                 await self.lease.release()  # a standby takes over now, not a TTL later
 
-    async def _close_feed(self, feed_task: asyncio.Task[Any]) -> None:
-        await self.feed.close()
-        with contextlib.suppress(Exception):
-            await feed_task
+    async def _close_feed(self, feed_task: asyncio.Task[Any], within: float) -> None:
+        async with asyncio.timeout(within):  # not wait_for: see bridge/cancel.py
+            await self.feed.close()
+            with contextlib.suppress(Exception):
+                await feed_task
 
     async def _abandon(self, tasks: dict[str, asyncio.Task[Any]]) -> None:
         """Cancel whatever a bounded shutdown step left running, then close Redis."""

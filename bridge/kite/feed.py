@@ -786,8 +786,10 @@ class KiteFeed:
 
     async def _sleep(self, seconds: float) -> None:
         """Backoff sleep that ``close()`` cuts short."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can drop a cancellation of connect().
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._closing.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._closing.wait()
 
     def _on_retry(self, attempt: int, wait: float, exc: Exception) -> None:
         cause = exc.cause if isinstance(exc, _Dropped) else "connect_failed"
