@@ -223,6 +223,14 @@ class NamespaceLease:
             return False
         return True
 
+    def holder_is_local(self) -> bool:
+        """Did the holder run on this host (or in this container, whose hostname is its id)?"""
+        try:
+            who = orjson.loads(self.holder or b"")
+            return bool(who["host"] == socket.gethostname())
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return False
+
     def describe_holder(self) -> str:
         """``host pid N since T`` for logs and ``/readyz``; the raw value if it is not ours."""
         raw = self.holder

@@ -331,12 +331,19 @@ class Bridge:
                 now = time.monotonic()
                 self._standby_for = self.lease.describe_holder()
                 if waiting_since is None or now - logged_at >= _STANDBY_LOG_EVERY:
+                    hint: dict[str, str] = {}
+                    if self.lease.holder_is_local():
+                        hint["hint"] = (
+                            "the holder ran on this host: if it was killed, its lease expires"
+                            f" within {self.lease.ttl:g} s"
+                        )
                     _log.warning(
                         "namespace_in_use",
                         key=self.lease.key,
                         holder=self._standby_for,
                         action="waiting as standby; taking over when it stops",
                         waited=0.0 if waiting_since is None else round(now - waiting_since, 1),
+                        **hint,
                     )
                     logged_at = now
                     waiting_since = waiting_since or now

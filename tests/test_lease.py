@@ -51,6 +51,7 @@ async def test_the_first_holds_the_second_waits(client: Redis, namespace: str) -
     assert second.holder == first.identity
     who = orjson.loads(first.identity)
     assert second.describe_holder() == f"{who['host']} pid {who['pid']} since {who['since']}"
+    assert second.holder_is_local()  # same machine
     assert await client.get(f"{namespace}:lock") == first.identity
     assert 0 < await client.pttl(f"{namespace}:lock") <= DEFAULT_TTL * 1000
 
@@ -81,6 +82,7 @@ async def test_a_lease_taken_by_another_is_lost_for_good(client: Redis, namespac
     assert not lease.held
     assert not lease.valid()
     assert lease.describe_holder() == "someone else"  # not our JSON: shown as it is
+    assert not lease.holder_is_local()
     assert not await lease.release()  # never deletes another holder's lease
     assert await client.get(lease.key) == b"someone else"
     await client.delete(lease.key)

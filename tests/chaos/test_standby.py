@@ -36,7 +36,9 @@ async def test_a_second_bridge_waits_as_standby_and_takes_over(
     status, body = await second.readiness()
     assert status == 503
     assert body["state"] == "standby"
-    holder = second.log_events("namespace_in_use")[0]["holder"]
+    [in_use] = second.log_events("namespace_in_use")
+    holder = in_use["holder"]
+    assert "the holder ran on this host" in in_use["hint"]  # both run here
     assert body["reasons"] == [f"standby: another bridge holds the namespace ({holder})"]
     assert f"pid {first.pid} " in body["reasons"][0]
     await asyncio.sleep(2.0)  # long enough for a standby to do damage, if it could
