@@ -7,7 +7,8 @@
 # Starts dockerd (installing docker.io + docker-compose if needed) when no engine answers, builds
 # local stand-ins for the base images when Docker Hub is out of reach (tests/e2e/standin-images.sh,
 # reused by tag), builds the image, runs the demo stack, then checks: ticks on a tick channel, a
-# control command taking effect, the demo/live credential rules, a clean stop, and that a bridge
+# control command taking effect, a second replica waiting as standby and taking over, the
+# demo/live credential rules, a clean stop, and that a bridge
 # whose token Kite refuses (exit 3) is parked, not restart-looped. The stack is removed on exit
 # (`down -v`); on failure the logs are printed first. A watchdog fails the run, printing what was
 # running and the logs, if it takes longer than E2E_WATCHDOG seconds (default 900).
@@ -399,6 +400,45 @@ python3 -c 'import json, sys; r = json.loads(sys.argv[1]); sys.exit(0 if r["ok"]
     "$reply" || fail "bad reply to the mode command: $reply"
 subscription_is 779521 ltp || fail "779521 is not in ltp mode after the mode command"
 expect_ticks 779521 ltp 5
+
+# One bridge per namespace (<ns>:lock): a second replica waits as a standby and takes over when
+# the first stops. Each container's hostname is its id, which the lease's holder names.
+log "standby: compose up -d --scale bridge=2"
+first="$(container_id bridge)"
+compose up -d --no-recreate --scale bridge=2 bridge >"$WORK/scale.log" 2>&1 || {
+    cat "$WORK/scale.log" >&2
+    fail "compose up --scale bridge=2 failed"
+}
+second=""
+for id in $(compose ps -q bridge); do [[ $id == "$first" ]] || second="$id"; done
+[[ -n $second ]] || fail "no second bridge container after --scale bridge=2"
+holder_host() {
+    redis_cli GET "$NS:lock" | python3 -c '
+import json, sys
+try:
+    print(json.load(sys.stdin)["host"])
+except ValueError:
+    print("")  # no lease at this instant (released, not yet taken)
+'
+}
+# Logs to a file first: under pipefail, `docker logs | grep -q` fails when grep exits early.
+logged() { docker logs "$1" >"$WORK/logs-$1.txt" 2>&1 && grep -q "\"$2\"" "$WORK/logs-$1.txt"; }
+standby_waits() { logged "$second" namespace_in_use; }
+wait_for "the second bridge to wait as standby" 60 standby_waits
+[[ "$(holder_host)" == "${first:0:12}" ]] || fail "the lease is not held by the first bridge"
+first_pid="$(redis_cli HGET "$NS:status" pid)"
+sleep 2 # what a standby could break in that time, it must not: the status stays the holder's
+[[ "$(redis_cli HGET "$NS:status" pid)" == "$first_pid" ]] || fail "the standby wrote the status"
+log "standby: docker stop the holder; the standby takes over"
+t0=$(date +%s.%N)
+docker stop "$first" >/dev/null
+took_over() { [[ "$(holder_host)" == "${second:0:12}" && "$(redis_cli HGET "$NS:status" state)" == connected ]]; }
+wait_for "the standby to take over" 30 took_over
+log "standby took over $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$(date +%s.%N)") s after docker stop"
+subscription_is 779521 ltp || fail "the subscriptions changed in the takeover"
+expect_ticks 256265 full 5 ohlc change exchange_timestamp
+logged "$second" namespace_taken_over || fail "no namespace_taken_over log"
+docker rm -f "$first" >/dev/null # back to one bridge container for the steps below
 
 log "docker compose stop bridge"
 cid="$(container_id bridge)"
