@@ -86,7 +86,7 @@ class StatusReporter:
         self.since = now()
         self.writes = 0
         #: Why the latest write failed (``None`` after a success): ``/readyz`` shows it, because
-        #: "OOM command not allowed" or "READONLY" says more than "no write for 4 s".
+        #: "OOM command not allowed" or "READONLY" says more than "no write for 3 s".
         self.last_error: str | None = None
 
     def set_state(self, state: State) -> None:
