@@ -11,6 +11,7 @@ while one of them is broken.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import os
 import platform
@@ -24,6 +25,7 @@ import structlog
 
 from bridge import __version__
 from bridge.config import ConfigError, Settings, load_settings
+from bridge.exit_codes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK
 from bridge.logs import (
     LOG_LEVELS,
     MASK,
@@ -33,11 +35,8 @@ from bridge.logs import (
 )
 from bridge.payload import readable_subscriptions
 
-__all__ = ["EXIT_CONFIG", "EXIT_ERROR", "EXIT_OK", "main", "version_text"]
+__all__ = ["main", "version_text"]
 
-EXIT_OK: Final = 0
-EXIT_ERROR: Final = 1
-EXIT_CONFIG: Final = 2
 LOG_FORMATS: Final = ("auto", "json", "console")
 
 Handler = Callable[[argparse.Namespace], int]
@@ -104,11 +103,22 @@ def effective_settings(settings: Settings) -> dict[str, Any]:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args)
-    sys.stdout.write(
-        orjson.dumps(effective_settings(settings), option=orjson.OPT_INDENT_2).decode()
-    )
+    shown = effective_settings(settings)
+    if not args.connect:
+        _print_json(shown)
+        return EXIT_OK
+    preflight = importlib.import_module("bridge.preflight")
+    checks = asyncio.run(preflight.preflight(settings))
+    _print_json({**shown, "checks": [check.as_json() for check in checks]})
+    for check in checks:
+        if not check.ok:
+            print(f"bridge: check failed: {check.check}: {check.detail}", file=sys.stderr)
+    return int(preflight.exit_code(checks))
+
+
+def _print_json(document: dict[str, Any]) -> None:
+    sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
     sys.stdout.write("\n")
-    return EXIT_OK
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -198,9 +208,16 @@ def _parser(simulate: bool) -> argparse.ArgumentParser:
         "check-config",
         help="validate the settings and print them as JSON, secrets masked",
         description="Load and validate the settings; print them as JSON with secrets masked. "
-        "Exit 0 when valid, 2 with one line naming the setting when not.",
+        "Exit 0 when valid, 2 with one line naming the setting when not. With --connect, "
+        "also check Redis and the Kite login and add the results as 'checks'.",
     )
     _add_config(check)
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also reach Redis and complete one Kite websocket handshake (nothing is written or "
+        "subscribed); exit 3 if Kite refuses the login, 1 if another check fails",
+    )
     check.set_defaults(handler=_cmd_check_config)
     return parser
 
@@ -232,4 +249,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not logging_configured():
             configure_logging()
         structlog.get_logger("bridge.cli").exception("unexpected error", command=args.command)
-        return EXIT_ERROR
+        return EXIT_CRASH

@@ -24,7 +24,7 @@ import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, TypedDict, cast
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
@@ -56,6 +56,7 @@ __all__ = [
     "DEFAULT_CONFIG_FILE",
     "ENV_NAMES",
     "ConfigError",
+    "FeedLogin",
     "Settings",
     "load_settings",
     "parse_subscribe",
@@ -77,6 +78,16 @@ _URL_SCHEMES: Final = {
     "redis_url": ("redis", "rediss", "unix"),
     "kite_ws_url": ("ws", "wss"),
 }
+
+
+class FeedLogin(TypedDict):
+    """The ``KiteFeed`` arguments that say where and as whom to log in."""
+
+    api_key: str
+    user_id: str | None
+    enctoken: str | None
+    access_token: str | None
+    url: str | None
 
 
 class ConfigError(Exception):
@@ -240,6 +251,20 @@ class Settings(BaseSettings):
                 raise ValueError(problem)
         return self
 
+    def feed_credentials(self) -> FeedLogin:
+        """``KiteFeed`` keyword arguments for the endpoint and credentials, secrets revealed.
+
+        One place turns settings into a login, so ``run`` and ``check-config --connect`` can
+        never present Kite with different credentials.
+        """
+        return FeedLogin(
+            api_key=self.kite_api_key,
+            user_id=self.kite_user_id,
+            enctoken=_reveal(self.kite_enctoken),
+            access_token=_reveal(self.kite_access_token),
+            url=self.kite_ws_url,
+        )
+
     def credentials_problem(self) -> str | None:
         """The reference ``KiteFeed``'s rules (CONTRACT §1), so a bad start fails with exit 2.
 
@@ -259,6 +284,10 @@ class Settings(BaseSettings):
                 "'kitefront' is the Kite Web login, which uses KITE_ENCTOKEN"
             )
         return None
+
+
+def _reveal(secret: SecretStr | None) -> str | None:
+    return None if secret is None else secret.get_secret_value()
 
 
 #: Environment variable of every field.

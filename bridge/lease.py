@@ -48,7 +48,7 @@ from redis.exceptions import (
     WatchError,
 )
 
-__all__ = ["DEFAULT_TTL", "LeaseState", "NamespaceLease"]
+__all__ = ["DEFAULT_TTL", "LeaseState", "NamespaceLease", "describe_identity"]
 
 _log = structlog.get_logger(__name__)
 
@@ -78,6 +78,16 @@ DEFAULT_TTL: Final = 5.0
 #: The holder's gate closes this fraction of the TTL after its last confirmed renewal, leaving
 #: room for the two clocks, Redis's and ours, to disagree a little.
 _GATE_FRACTION: Final = 0.8
+
+
+def describe_identity(raw: bytes | str) -> str:
+    """``host pid N since T`` for a value of ``<ns>:lock``; the raw value if it is not ours."""
+    try:
+        who = orjson.loads(raw)
+        return f"{who['host']} pid {who['pid']} since {who['since']}"
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
+        return text[:200]
 
 
 class LeaseState(Enum):
@@ -232,15 +242,8 @@ class NamespaceLease:
             return False
 
     def describe_holder(self) -> str:
-        """``host pid N since T`` for logs and ``/readyz``; the raw value if it is not ours."""
-        raw = self.holder
-        if raw is None:
-            return "unknown"
-        try:
-            who = orjson.loads(raw)
-            return f"{who['host']} pid {who['pid']} since {who['since']}"
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            return raw[:200].decode("utf-8", "replace")
+        """``host pid N since T`` for logs and ``/readyz``; ``unknown`` before any answer."""
+        return "unknown" if self.holder is None else describe_identity(self.holder)
 
     def _confirm(self, sent_at: float) -> LeaseState:
         # Redis set the expiry when it received the request, after ``sent_at``: counting from

@@ -39,6 +39,14 @@ from bridge.cancel import cancel_and_wait
 from bridge.commands import MAX_TOKENS
 from bridge.config import Settings
 from bridge.control import ControlConsumer
+from bridge.exit_codes import (
+    EXIT_AUTH,
+    EXIT_CONFIG,
+    EXIT_CRASH,
+    EXIT_LEASE_LOST,
+    EXIT_OK,
+    EXIT_RETRIES,
+)
 from bridge.kite.codec import frame_payloads
 from bridge.kite.feed import LOGGER_NAME, KiteFeed
 from bridge.kite.messages import KiteError, KiteMessage, OtherMessage
@@ -65,12 +73,6 @@ __all__ = [
     "run",
 ]
 
-EXIT_OK: Final = 0
-EXIT_CRASH: Final = 1
-EXIT_CONFIG: Final = 2
-EXIT_AUTH: Final = 3
-EXIT_RETRIES: Final = 4
-EXIT_LEASE_LOST: Final = 5
 #: Seconds between renewals of the namespace lease (its TTL is lease.DEFAULT_TTL).
 LEASE_RENEW_INTERVAL: Final = 1.0
 #: A standby repeats "still waiting" this often (seconds), not on every attempt.
@@ -198,11 +200,7 @@ class Bridge:
     def _make_feed(self) -> KiteFeed:
         s = self.settings
         return KiteFeed(
-            api_key=s.kite_api_key,
-            user_id=s.kite_user_id,
-            enctoken=s.kite_enctoken.get_secret_value() if s.kite_enctoken else None,
-            access_token=s.kite_access_token.get_secret_value() if s.kite_access_token else None,
-            url=s.kite_ws_url,
+            **s.feed_credentials(),
             max_retries=s.max_retries,
             base_wait=s.base_wait,
             max_wait=s.max_wait,

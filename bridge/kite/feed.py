@@ -51,7 +51,7 @@ import structlog
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.protocol import State
 from websockets.uri import parse_uri
 
@@ -68,7 +68,7 @@ from bridge.kite.messages import (
     unsubscribe_message,
 )
 from bridge.kite.records import Mode
-from bridge.kite.retry import AuthError, Backoff, RetriesExhausted, retry_call
+from bridge.kite.retry import AuthError, Backoff, RetriesExhausted, auth_error, retry_call
 
 __all__ = [
     "CAUSES",
@@ -783,6 +783,26 @@ class KiteFeed:
         if self._runner is None or current in (self._runner, self._dispatcher):
             return  # waiting here would deadlock: connect() waits for the dispatcher
         await self._stopped.wait()
+
+    async def handshake(self, **kwargs: Any) -> None:
+        """Open one connection and close it at once (code 1000): the endpoint and login work.
+
+        For preflight checks (``bridge check-config --connect``): no retry, no subscriptions,
+        and no effect on a running :meth:`connect`. ``kwargs`` as for :meth:`connect`. Raises
+        :class:`~bridge.kite.retry.AuthError` on HTTP 403, ``ValueError`` for a URL that is not
+        a websocket URL, and otherwise the handshake's own error (``OSError``,
+        ``TimeoutError``, ``InvalidHandshake``).
+        """
+        try:
+            async with ws_connect(self._url(), **self._options(kwargs)):
+                pass
+        except InvalidURI:
+            raise ValueError(f"invalid feed URL {self.redacted_url}") from None
+        except InvalidStatus as exc:
+            refused = auth_error(exc)
+            if refused is None:
+                raise
+            raise refused from None
 
     async def _sleep(self, seconds: float) -> None:
         """Backoff sleep that ``close()`` cuts short."""

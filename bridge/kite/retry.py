@@ -33,6 +33,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.http11 import Response
 
 __all__ = [
+    "AUTH_STATUS",
     "AuthError",
     "Backoff",
     "OnRetry",

@@ -380,6 +380,17 @@ compose logs --no-color bridge >"$WORK/bridge.log" 2>&1
 grep -q "compose: DEMO" "$WORK/bridge.log" || fail "the bridge did not start in demo mode"
 [[ "$(redis_cli HGET "$NS:status" state)" == connected ]] || fail "status is not connected"
 
+log "preflight: compose run bridge check-config --connect, beside the running bridge"
+run_guard "$ENV_FILE" 0 bridge check-config --connect
+grep -q "handshake accepted" "$WORK/run.out" || fail "no accepted handshake: $(cat "$WORK/run.out")"
+grep -q "held by a running bridge" "$WORK/run.out" ||
+    fail "the preflight did not see the running bridge's lease: $(cat "$WORK/run.out")"
+# A login Kite refuses exits 3, as `bridge run` would: the simulator knows only the demo token.
+run_guard "$ENV_FILE" 3 -e KITE_WS_URL=ws://simulator:8765 -e KITE_API_KEY=demo-api-key \
+    -e "KITE_ACCESS_TOKEN=$SECRET" bridge check-config --connect
+grep -q "check failed: kite: .*HTTP 403" "$WORK/run.out" ||
+    fail "a refused login was not reported: $(cat "$WORK/run.out")"
+
 log "start-up subscriptions (BRIDGE_SUBSCRIBE)"
 subscription_is 256265 full || fail "256265 is not subscribed in full mode"
 subscription_is 408065 full || fail "408065 is not subscribed in full mode"
