@@ -5,8 +5,18 @@ both arrive in the same loop iteration (CPython gh-86296, fixed in 3.12). redis-
 socket write in ``wait_for``, so a task cancelled in the middle of a Redis command carries on as
 if nothing happened about one time in five (measured here with a loop of ``EXISTS``; see
 tests/test_cancel.py). A loop over Redis calls then runs on, and ``await task`` after
-``task.cancel()`` waits for ever: a shutdown that never ends. So the bridge never cancels such
-a task just once: it cancels again until the task has ended, within a bound.
+``task.cancel()`` waits for ever: a shutdown that never ends.
+
+Cancelling again is not enough on its own. The window is not random: it is the moment a
+task's write has completed but the task has not resumed yet, and a busy loop (CPU contention,
+a reply that lands together with the canceller's timer) keeps a task in it at every attempt;
+21 cancels in a row were swallowed here under load. A swallowed request is still counted by
+``Task.cancelling()``, though, so two measures together make it certain:
+
+* every loop the bridge stops by cancelling calls :func:`checkpoint` once per round, which
+  raises the cancellation a library swallowed;
+* :func:`cancel_and_wait` cancels again until the task has ended, within a bound, for tasks
+  stopped in the middle of a round.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["cancel_and_wait"]
+__all__ = ["cancel_and_wait", "checkpoint"]
 
 
 async def cancel_and_wait(
@@ -46,3 +56,15 @@ async def cancel_and_wait(
         if not task.cancelled():
             task.exception()  # mark it retrieved: no "exception was never retrieved" warning
     return pending
+
+
+def checkpoint() -> None:
+    """Raise ``CancelledError`` if the current task was asked to stop and something swallowed it.
+
+    Call once per round of a loop that is stopped by cancellation and awaits Redis.
+    ``Task.cancelling()`` counts requests nobody withdrew (``asyncio.timeout`` withdraws its
+    own), so a positive count here means a cancellation was lost on its way.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

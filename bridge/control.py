@@ -66,6 +66,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ExecAbortError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from bridge.cancel import checkpoint
 from bridge.commands import CommandError, apply_command, parse_command
 from bridge.kite.records import Mode
 from bridge.payload import command_result, dead_letter
@@ -246,6 +247,7 @@ class ControlConsumer:
         stop_wait = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
+                checkpoint()  # a cancel swallowed inside redis-py (bridge/cancel.py) ends us here
                 try:
                     # A BLMOVE whose reply was lost may still have moved a command into
                     # processing: a connection error, or a timeout that redis-py retried on a

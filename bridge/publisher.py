@@ -54,7 +54,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bridge.cancel import cancel_and_wait
+from bridge.cancel import cancel_and_wait, checkpoint
 from bridge.kite.records import Tick
 from bridge.payload import tick_json
 from bridge.redis_client import Outage
@@ -257,6 +257,7 @@ class Publisher:
     async def run(self) -> None:
         """The sender loop: runs until cancelled; Redis errors never end it."""
         while True:
+            checkpoint()  # a cancel swallowed inside redis-py (bridge/cancel.py) ends us here
             if not self._has_work():
                 self._drained.set()
                 self._wake.clear()

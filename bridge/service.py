@@ -35,7 +35,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bridge.cancel import cancel_and_wait
+from bridge.cancel import cancel_and_wait, checkpoint
 from bridge.commands import MAX_TOKENS
 from bridge.config import Settings
 from bridge.control import ControlConsumer
@@ -367,6 +367,7 @@ class Bridge:
         base_wait, max_wait = self._redis_waits
         outage = Outage("lease", _log, base_wait=base_wait, max_wait=max_wait)
         while True:
+            checkpoint()  # a cancel swallowed inside redis-py (bridge/cancel.py) ends us here
             await asyncio.sleep(LEASE_RENEW_INTERVAL)
             try:
                 state = await self.lease.renew()
@@ -415,6 +416,7 @@ class Bridge:
         """
         rounds = 0
         while True:
+            checkpoint()
             await asyncio.sleep(interval)
             rounds += 1
             self.metrics.activity.notice(self.feed.subscriptions)
@@ -614,6 +616,7 @@ class Bridge:
         base_wait, max_wait = self._redis_waits
         outage = Outage("resync", _log, base_wait=base_wait, max_wait=max_wait)
         while not self._stop.is_set():
+            checkpoint()
             try:
                 async with self._sync_lock:
                     desired = await self.store.load()

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from bridge import __version__
+from bridge.cancel import checkpoint
 from bridge.redis_client import Outage
 
 __all__ = [
@@ -134,6 +135,7 @@ class StatusReporter:
         write's own round trip and a busy event loop added to the wait.
         """
         while True:
+            checkpoint()  # a cancel swallowed inside redis-py (bridge/cancel.py) ends us here
             self._changed.clear()
             await self.write()
             try:
