@@ -367,8 +367,14 @@ async def test_empty_token_lists_are_accepted_silently() -> None:
         '{"a": "subscribe", "v": [true]}',
         '{"a": "mode", "v": ["bogus", [408065]]}',
         '{"a": "mode", "v": ["full"]}',
+        '{"a": "mode", "v": [["full"], [408065]]}',  # unhashable modes once closed with 1011
+        '{"a": "mode", "v": [{"full": 1}, [408065]]}',
+        '{"a": ["subscribe"], "v": [408065]}',
+        '{"a": "subscribe", "v": [[408065]]}',
+        "[" * 100_000 + "]" * 100_000,  # deeper than json.loads goes: RecursionError
         b'{"a": "subscribe", "v": [408065]}',
     ],
+    ids=lambda message: repr(message)[:40],
 )
 async def test_malformed_messages_get_an_error_frame_and_change_nothing(
     message: str | bytes,
@@ -383,6 +389,34 @@ async def test_malformed_messages_get_an_error_frame_and_change_nothing(
         # The connection survives and still works.
         await ws.send(json.dumps({"a": "subscribe", "v": [INFY]}))
         assert [t.instrument_token for t in await next_ticks(ws)] == [INFY]
+
+
+SCALARS = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False)
+JSON_VALUES = st.recursive(
+    SCALARS | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=12,
+)
+REQUESTS = JSON_VALUES | st.fixed_dictionaries(
+    {"a": st.sampled_from(["subscribe", "unsubscribe", "mode"]) | JSON_VALUES, "v": JSON_VALUES}
+)
+
+
+@settings(deadline=None, max_examples=25)
+@given(st.lists(REQUESTS, min_size=1, max_size=20))
+def test_no_request_closes_the_connection(requests: list[Any]) -> None:
+    """Whatever a client sends, it gets error frames at worst, never a 1011 close."""
+
+    async def flood() -> None:
+        async with simulator() as sim, client(sim) as ws:
+            for request in requests:
+                await ws.send(json.dumps(request))
+            await ws.send(json.dumps({"a": "mode", "v": ["ltp", [INFY]]}))
+            async with asyncio.timeout(5):
+                while not any(t.instrument_token == INFY for t in await next_ticks(ws)):
+                    pass
+
+    asyncio.run(flood())
 
 
 async def test_token_limit_counts_duplicates_and_drops_the_excess() -> None:

@@ -439,7 +439,7 @@ class Simulator:
                 raise _BadMessage("binary messages are not accepted; send JSON text")
             try:
                 request = json.loads(message)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than json goes
                 raise _BadMessage(f"invalid JSON: {message[:_MAX_ERROR_ECHO]!r}") from None
             if isinstance(request, dict):
                 _append_bounded(self.received, (state.id, request), self.history_limit)
@@ -468,7 +468,7 @@ class Simulator:
             self._unwatch(dropped)
             refused = []
         elif action == "mode":
-            if not isinstance(value, list) or len(value) != 2 or value[0] not in _MODES:
+            if not isinstance(value, list) or len(value) != 2 or not _is_mode(value[0]):
                 raise _BadMessage('mode expects ["ltp"|"quote"|"full", [tokens]]')
             mode: Mode = value[0]
             tokens = _tokens(value[1])
@@ -638,6 +638,10 @@ class Simulator:
         entry = _U16.pack(len(packet)) + packet
         self._entries[key] = (inst.version, entry)
         return entry
+
+
+def _is_mode(value: object) -> bool:
+    return isinstance(value, str) and value in _MODES  # a list or object is not hashable
 
 
 def _tokens(value: object) -> list[int]:
