@@ -1,7 +1,8 @@
 """The ``bridge`` command: ``run``, ``simulate``, ``health``, ``check-config``, ``--version``.
 
-Exit codes (CONTRACT §6): 0 ok, 1 unexpected error, 2 invalid configuration or usage,
-3 authentication failed and 4 retries exhausted (both returned by ``bridge.service.run``).
+Exit codes (CONTRACT §6, bridge/exit_codes.py): 0 ok, 1 unexpected error, 2 invalid
+configuration or usage, 3 authentication failed, 4 retries exhausted and 5 namespace taken over
+(the last three returned by ``bridge.service.run``).
 
 The service, the simulator and the health probe are imported only by the sub-command that
 needs them, so ``bridge --version`` and ``bridge check-config`` stay fast and keep working
@@ -26,6 +27,7 @@ import structlog
 from bridge import __version__
 from bridge.config import ConfigError, Settings, load_settings
 from bridge.exit_codes import EXIT_CONFIG, EXIT_CRASH, EXIT_OK
+from bridge.kite.feed import KiteFeed
 from bridge.logs import (
     LOG_LEVELS,
     MASK,
@@ -97,6 +99,8 @@ def effective_settings(settings: Settings) -> dict[str, Any]:
     if settings.kite_ws_url is not None:
         shown["kite_ws_url"] = redact_text(settings.kite_ws_url)
     shown["subscribe"] = readable_subscriptions(settings.subscribe)
+    # kite_ws_url is null when the default applies; this is the URL the feed will open.
+    shown["feed_url"] = KiteFeed(**settings.feed_credentials()).redacted_url
     config_file = settings.config_file
     return {"config_file": None if config_file is None else str(config_file), **shown}
 
@@ -168,7 +172,8 @@ def _parser(simulate: bool) -> argparse.ArgumentParser:
         "run",
         help="run the bridge",
         description="Run the bridge until SIGTERM or SIGINT. Exit codes: 0 stopped, "
-        "1 unexpected error, 2 bad configuration, 3 authentication failed, 4 retries exhausted.",
+        "1 unexpected error, 2 bad configuration, 3 authentication failed, 4 retries exhausted, "
+        "5 another bridge took the namespace over.",
     )
     _add_config(run)
     _add_logging(run, None, None)

@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 
 from bridge.cancel import cancel_and_wait, checkpoint
 from bridge.commands import MAX_TOKENS
-from bridge.config import Settings
+from bridge.config import ConfigError, Settings
 from bridge.control import ControlConsumer
 from bridge.exit_codes import (
     EXIT_AUTH,
@@ -125,6 +125,8 @@ class Bridge:
         self._owns_redis = redis is None
         self.store = SubscriptionStore(self.redis, ns)
         self.lease = NamespaceLease(self.redis, ns)
+        #: Why the settings were refused once Redis was read (exit 2); ``run()`` raises it.
+        self.config_error: str | None = None
         #: Who holds the namespace while this bridge waits as its standby; None otherwise.
         self._standby_for: str | None = None
         # Timed per batch, never per tick: the publisher exists before the metrics do.
@@ -267,6 +269,7 @@ class Bridge:
                 code = EXIT_CRASH
             except _InvalidConfig as exc:
                 _log.error("invalid_configuration", error=str(exc))
+                self.config_error = str(exc)
                 code = EXIT_CONFIG
             else:
                 self.status.set_state("connecting")
@@ -670,6 +673,10 @@ class Bridge:
     def _on_message(self, _feed: KiteFeed, message: KiteMessage | OtherMessage) -> None:
         if isinstance(message, KiteMessage):
             self.publisher.publish_event(event_json("kite_message", data=message.message))
+        elif message.type == "error":  # an error whose data is not the documented string
+            self.publisher.publish_event(event_json("kite_error", data=message.data))
+        elif message.type == "message":
+            self.publisher.publish_event(event_json("kite_message", data=message.data))
         else:  # an undocumented type: its data as sent, and the type to tell it apart
             self.publisher.publish_event(
                 event_json("kite_message", data=message.data, type=message.type)
@@ -681,8 +688,11 @@ async def _main(settings: Settings) -> int:
         bridge = Bridge(settings)
     except ValueError as exc:  # the feed's credential rules (normally caught by the config)
         _log.error("invalid_configuration", error=str(exc))
-        return EXIT_CONFIG
-    return await bridge.run()
+        raise ConfigError(str(exc)) from None
+    code = await bridge.run()
+    if bridge.config_error is not None:  # stopped cleanly; the CLI prints the one line
+        raise ConfigError(bridge.config_error)
+    return code
 
 
 #: Young-generation threshold while running (CPython's default is 700). See ``_tune_gc``.
@@ -707,7 +717,11 @@ def _tune_gc() -> None:
 
 
 def run(settings: Settings) -> int:
-    """Run the bridge on a fresh event loop until it stops; return the process exit code."""
+    """Run the bridge on a fresh event loop until it stops; return the process exit code.
+
+    Raises :class:`~bridge.config.ConfigError` (exit 2, one line naming the setting, printed by
+    the CLI) for settings that only turn out invalid against what Redis holds.
+    """
     _tune_gc()
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     if os.environ.get(UVLOOP_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
@@ -720,6 +734,8 @@ def run(settings: Settings) -> int:
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             return runner.run(_main(settings))
+    except ConfigError:
+        raise
     except Exception:
         _log.exception("bridge_crashed")
         return EXIT_CRASH

@@ -116,7 +116,11 @@ def test_check_config_prints_settings_with_secrets_masked(
     assert shown["redis_url"] == "redis://default:***@redis:6379/0"
     assert shown["subscribe"] == {"256265": "full", "408065": "full"}
     assert shown["config_file"] is None
-    assert set(shown) == {"config_file", *Settings.model_fields}
+    assert shown["kite_ws_url"] is None  # as configured: the default applies ...
+    # ... and this is the endpoint it resolves to, the enctoken masked.
+    assert shown["feed_url"].startswith("wss://ws.zerodha.com/?api_key=kitefront&user_id=")
+    assert "&enctoken=***&" in shown["feed_url"]
+    assert set(shown) == {"config_file", "feed_url", *Settings.model_fields}
 
 
 @pytest.mark.usefixtures("creds")

@@ -50,7 +50,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.ticks: list[Tick] = []
-        self.frames: list[bytes] = []
+        self.frames: list[bytes | str] = []
         self.orders: list[dict[str, Any]] = []
         self.errors: list[FeedError] = []
         self.messages: list[KiteMessage | OtherMessage] = []
@@ -67,8 +67,8 @@ class Recorder:
             "on_reconnect": lambda feed, *args: self.events.append(("reconnect", *args)),
         }
 
-    def on_tick(self, feed: KiteFeed, data: list[Tick] | bytes) -> None:
-        if isinstance(data, bytes):
+    def on_tick(self, feed: KiteFeed, data: list[Tick] | bytes | str) -> None:
+        if isinstance(data, bytes | str):
             self.frames.append(data)
         else:
             self.ticks.extend(data)
@@ -354,10 +354,20 @@ async def test_raw_frames_with_parse_data_false(sim: Simulator) -> None:
     async with running(feed):
         await feed.subscribe_symbols([INFY], "full")
         await wait_for(lambda: len(rec.frames) >= 2)
+        # Raw means every frame, as Aio-Trader's parse_data=False: text frames too, unparsed.
+        order = {"order_id": "1", "status": "COMPLETE"}
+        await sim.send_order(order)
+        await sim.send_text('{"type": "error", "data": "too many"}')
+        await wait_for(lambda: sum(isinstance(frame, str) for frame in rec.frames) == 2)
     assert rec.ticks == []
-    assert all(isinstance(frame, bytes) and len(frame) > 1 for frame in rec.frames)
-    decoded = decode_frame(rec.frames[0])
+    binary = [frame for frame in rec.frames if isinstance(frame, bytes)]
+    text = [frame for frame in rec.frames if isinstance(frame, str)]
+    assert all(len(frame) > 1 for frame in binary)
+    decoded = decode_frame(binary[0])
     assert [(tick.instrument_token, tick.mode) for tick in decoded] == [(INFY, "full")]
+    assert [orjson.loads(frame)["type"] for frame in text] == ["order", "error"]
+    assert orjson.loads(text[0])["data"] == order
+    assert (rec.orders, rec.errors) == ([], [])  # not parsed
 
 
 async def test_a_decoder_replaces_decode_frame_and_keeps_the_counting(sim: Simulator) -> None:

@@ -84,18 +84,16 @@ ENVELOPES = st.fixed_dictionaries(
 def expected_kind(envelope: dict[str, Any]) -> type:
     """kite-protocol.md §5, written out independently of bridge.kite.messages."""
     kind, data = envelope.get("type"), envelope.get("data")
-    if "data" in envelope and kind == "order" and isinstance(data, dict):
+    if "data" in envelope and kind == "order" and isinstance(data, dict) and data:
         return OrderUpdate
     if "data" in envelope and kind == "error" and isinstance(data, str):
         return KiteError
     if "data" in envelope and kind == "message" and isinstance(data, str):
         return KiteMessage
-    if (
-        "data" in envelope
-        and isinstance(kind, str)
-        and kind not in ("", "order", "error", "message")
-    ):
-        return OtherMessage  # an undocumented type is passed on, as Aio-Trader v0.2.0 does
+    if "data" in envelope and isinstance(kind, str) and kind not in ("", "order"):
+        # An undocumented type, or error/message data that is not a string: passed on as sent,
+        # as Aio-Trader v0.2.0 does.
+        return OtherMessage
     return InvalidText
 
 

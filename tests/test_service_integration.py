@@ -181,15 +181,23 @@ async def test_commands_ticks_replies_dead_letters_and_reconnect(
     await sim.send_text('{"type": "error", "data": "too many instruments"}')
     await sim.send_text('{"type": "message", "data": "market closes early"}')
     await sim.send_text('{"type": "notice", "data": {"segment": "NFO"}}')
+    # Documented as strings; any other shape is passed on as sent, not dropped.
+    await sim.send_text('{"type": "error", "data": {"code": 429}}')
+    await sim.send_text('{"type": "message", "data": ["a", "b"]}')
     orders = f"{namespace}:orders"
     await wait_until(lambda: any(ch == orders for ch, _ in listener.messages))
     assert next(d for ch, d in listener.messages if ch == orders)["order_id"] == "151220000000000"
-    await wait_until(lambda: len(listener.events("kite_message")) == 2)
-    assert listener.events("kite_error")[0]["data"] == "too many instruments"
+    await wait_until(lambda: len(listener.events("kite_message")) == 3)
+    await wait_until(lambda: len(listener.events("kite_error")) == 2)
+    assert [e["data"] for e in listener.events("kite_error")] == [
+        "too many instruments",
+        {"code": 429},
+    ]
     assert listener.events("kite_message")[0]["data"] == "market closes early"
     assert "type" not in listener.events("kite_message")[0]
     assert listener.events("kite_message")[1]["data"] == {"segment": "NFO"}
     assert listener.events("kite_message")[1]["type"] == "notice"
+    assert listener.events("kite_message")[2]["data"] == ["a", "b"]
 
     # drop -> reconnect -> the same subscriptions, replayed by the bridge
     desired = {NIFTY: "full", BANKNIFTY: "quote", RELIANCE: "quote", SBIN: "ltp"}
@@ -347,6 +355,9 @@ async def test_bridge_subscribe_past_kites_limit_with_the_stored_set_exits_2(
     assert await bridge.wait(10) == 2
     log = bridge.log.read_text()
     assert '"invalid_configuration"' in log
+    # ... and the one line of every config error, as the last line on stderr.
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("bridge: config error: BRIDGE_SUBSCRIBE: its 4 tokens and the 2998")
     assert "BRIDGE_SUBSCRIBE: its 4 tokens and the 2998 stored" in log
     assert "make 3001, above Kite's limit of 3000" in log
     assert await redis.hgetall(key) == {k.encode(): b"ltp" for k in stored}  # untouched

@@ -413,7 +413,9 @@ class KiteFeed:
     (at most once per 10 s per handler); the feed carries on.
 
     * ``on_tick(feed, ticks)``: a non-empty ``list[Tick]`` per binary frame, or with
-      ``parse_data=False`` the raw ``bytes`` of each frame (heartbeats are never delivered).
+      ``parse_data=False`` every frame raw, as the Aio-Trader reference does: ``bytes`` for a
+      binary frame, ``str`` for a text frame, which then reaches no other handler (heartbeats
+      are never delivered).
       ``decoder`` replaces :func:`~bridge.kite.codec.decode_frame` (the service passes
       ``codec.frame_payloads``); the feed still counts ticks, skipped packets and malformed
       frames;
@@ -1068,7 +1070,10 @@ class KiteFeed:
                         except Exception as exc:
                             await self._handler_failed("on_tick", exc)
                 elif type(item) is str:
-                    await self._text(item)
+                    if self.parse_data:
+                        await self._text(item)
+                    else:  # raw means every frame, as the reference's parse_data=False
+                        await self._call("on_tick", item)
                 elif item is _STOP:
                     return
                 else:

@@ -98,11 +98,15 @@ def parse_text_frame(data: str | bytes) -> TextMessage:
     if kind not in ("order", "error", "message"):
         return OtherMessage(kind, payload)
     if kind == "order":
-        if isinstance(payload, dict):
+        if isinstance(payload, dict) and payload:
             return OrderUpdate(payload)
+        if isinstance(payload, dict):  # pykiteconnect skips it too: nothing to update
+            return InvalidText(raw, "order data is an empty object")
         return InvalidText(raw, f"order data is {type(payload).__name__}, not an object")
     if not isinstance(payload, str):
-        return InvalidText(raw, f"{kind} data is {type(payload).__name__}, not a string")
+        # Documented as a string, but a notice in another shape is still news: passed on as
+        # sent, like an undocumented type (Aio-Trader v0.2.0 hands on the whole envelope).
+        return OtherMessage(kind, payload)
     return KiteError(payload) if kind == "error" else KiteMessage(payload)
 
 
