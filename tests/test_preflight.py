@@ -121,6 +121,22 @@ async def test_a_replica_is_refused(private_redis: MakeRedis) -> None:
     assert "is a replica" in checks[0].detail
 
 
+async def test_an_acl_refusing_role_is_let_through(private_redis: MakeRedis) -> None:
+    """The bridge never needs ROLE; an ACL without it must not fail the check."""
+    server = await private_redis()
+    admin = Redis.from_url(server.url)
+    try:
+        await admin.execute_command(  # type: ignore[no-untyped-call]
+            "ACL", "SETUSER", "bridge", "on", ">s3cret", "~*", "&*", "+@all", "-role"
+        )
+    finally:
+        await admin.aclose()
+    url = server.url.replace("redis://", "redis://bridge:s3cret@")
+    checks = await check_redis(settings(redis_url=url))
+    assert [(c.check, c.ok) for c in checks] == [("redis", True), ("namespace", True)]
+    assert "s3cret" not in checks[0].detail
+
+
 async def test_unreachable_redis_fails_and_hides_the_password() -> None:
     url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     checks = await check_redis(settings(redis_url=url), within=2)
