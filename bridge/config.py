@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     kite_access_token: SecretStr | None = None
     kite_user_id: str | None = None
     kite_enctoken: SecretStr | None = None
+    #: Files holding those secrets instead (Docker/Compose secrets under ``/run/secrets``):
+    #: out of the environment, which ``docker inspect`` and ``/proc/<pid>/environ`` show.
+    kite_access_token_file: Path | None = None
+    kite_enctoken_file: Path | None = None
     #: ``None``: the feed picks ``wss://ws.kite.trade`` or ``wss://ws.zerodha.com`` by flavour.
     kite_ws_url: str | None = None
     redis_url: str = "redis://localhost:6379/0"
@@ -177,7 +181,14 @@ class Settings(BaseSettings):
             raise ValueError("must be non-empty and contain no spaces")
         return value
 
-    @field_validator("kite_access_token", "kite_enctoken", "kite_user_id", mode="before")
+    @field_validator(
+        "kite_access_token",
+        "kite_enctoken",
+        "kite_user_id",
+        "kite_access_token_file",
+        "kite_enctoken_file",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -245,6 +256,10 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.max_wait < self.base_wait:
             raise ValueError("BRIDGE_MAX_WAIT: must be at least BRIDGE_BASE_WAIT")
+        if self.kite_access_token_file is not None:
+            self.kite_access_token = _read_secret("kite_access_token", self)
+        if self.kite_enctoken_file is not None:
+            self.kite_enctoken = _read_secret("kite_enctoken", self)
         if _REQUIRE_CREDENTIALS.get():
             problem = self.credentials_problem()
             if problem is not None:
@@ -284,6 +299,24 @@ class Settings(BaseSettings):
                 "'kitefront' is the Kite Web login, which uses KITE_ENCTOKEN"
             )
         return None
+
+
+def _read_secret(field: str, settings: Settings) -> SecretStr:
+    """The secret in the file ``<field>_file`` names; its errors name the setting, never the
+    content. Surrounding whitespace (the newline an editor adds) is not part of a token."""
+    value_name, file_name = field.upper(), f"{field}_file".upper()
+    if getattr(settings, field) is not None:
+        raise ValueError(f"{file_name}: {value_name} is set too; set one of them")
+    path: Path = getattr(settings, f"{field}_file")
+    try:
+        content = path.read_bytes().decode("utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"{file_name}: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{file_name}: {path}: {_not_utf8(exc)}") from None
+    if not content:
+        raise ValueError(f"{file_name}: {path} is empty")
+    return SecretStr(content)
 
 
 def _reveal(secret: SecretStr | None) -> str | None:

@@ -68,6 +68,8 @@ def test_env_names() -> None:
         "kite_access_token": "KITE_ACCESS_TOKEN",
         "kite_user_id": "KITE_USER_ID",
         "kite_enctoken": "KITE_ENCTOKEN",
+        "kite_access_token_file": "KITE_ACCESS_TOKEN_FILE",
+        "kite_enctoken_file": "KITE_ENCTOKEN_FILE",
         "kite_ws_url": "KITE_WS_URL",
         "redis_url": "REDIS_URL",
         "namespace": "BRIDGE_NAMESPACE",
@@ -525,3 +527,62 @@ def test_every_setting_is_documented(field: str) -> None:
     assert ENV_NAMES[field] in example
     docs = (ROOT / "docs/configuration.md").read_text()
     assert re.search(rf"\| `{ENV_NAMES[field]}` \| `{field}` \|", docs), f"{field} not in docs"
+
+
+# -- secrets from files (Docker/Compose secrets) ---------------------------------------------------
+
+
+def test_secret_files_replace_the_secret_variables(
+    monkeypatch: pytest.MonkeyPatch, isolated: Path
+) -> None:
+    (isolated / "token").write_text(f"  {SECRET}\n")  # an editor's newline is not the token
+    monkeypatch.setenv("KITE_USER_ID", "AB1234")
+    monkeypatch.setenv("KITE_ENCTOKEN_FILE", "token")  # relative to the working directory
+    settings = load_settings()
+    assert settings.kite_enctoken == SecretStr(SECRET)
+    assert settings.feed_credentials()["enctoken"] == SECRET
+    assert settings.kite_enctoken_file == Path("token")
+    assert SECRET not in repr(settings)
+
+
+def test_access_token_file_from_toml(isolated: Path) -> None:
+    secret = isolated / "secrets" / "kite_access_token"
+    secret.parent.mkdir()
+    secret.write_text(SECRET)
+    (isolated / "bridge.toml").write_text(
+        f'kite_api_key = "key"\nkite_access_token_file = "{secret}"\n'
+    )
+    settings = load_settings("bridge.toml")
+    assert settings.kite_access_token == SecretStr(SECRET)
+
+
+@pytest.mark.parametrize(
+    ("content", "value", "expected"),
+    [
+        (None, None, "KITE_ENCTOKEN_FILE: cannot read missing: No such file or directory"),
+        (b"", None, "KITE_ENCTOKEN_FILE: missing is empty"),
+        (b" \n", None, "KITE_ENCTOKEN_FILE: missing is empty"),
+        (b"\xff" + SECRET.encode(), None, "KITE_ENCTOKEN_FILE: missing: not UTF-8 text"),
+        (SECRET.encode(), "other", "KITE_ENCTOKEN_FILE: KITE_ENCTOKEN is set too"),
+    ],
+)
+def test_secret_file_errors_name_the_setting_not_the_secret(
+    monkeypatch: pytest.MonkeyPatch,
+    isolated: Path,
+    content: bytes | None,
+    value: str | None,
+    expected: str,
+) -> None:
+    if content is not None:
+        (isolated / "missing").write_bytes(content)
+    monkeypatch.setenv("KITE_USER_ID", "AB1234")
+    monkeypatch.setenv("KITE_ENCTOKEN_FILE", "missing")
+    if value is not None:
+        monkeypatch.setenv("KITE_ENCTOKEN", value)
+    assert config_error().startswith(expected)
+
+
+def test_a_directory_is_not_a_secret_file(monkeypatch: pytest.MonkeyPatch, isolated: Path) -> None:
+    monkeypatch.setenv("KITE_API_KEY", "key")
+    monkeypatch.setenv("KITE_ACCESS_TOKEN_FILE", str(isolated))
+    assert config_error() == f"KITE_ACCESS_TOKEN_FILE: cannot read {isolated}: Is a directory"

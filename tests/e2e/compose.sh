@@ -390,6 +390,17 @@ run_guard "$ENV_FILE" 3 -e KITE_WS_URL=ws://simulator:8765 -e KITE_API_KEY=demo-
     -e "KITE_ACCESS_TOKEN=$SECRET" bridge check-config --connect
 grep -q "check failed: kite: .*HTTP 403" "$WORK/run.out" ||
     fail "a refused login was not reported: $(cat "$WORK/run.out")"
+# A token in a mounted file (Compose secrets, docs/docker.md) counts as live credentials and is
+# the one presented to Kite: the simulator accepts only the demo token.
+printf 'demo-access-token\n' >"$WORK/kite_access_token"
+chmod 644 "$WORK/kite_access_token" # bind-mounted as is: the container's uid must read it
+run_guard "$ENV_FILE" 0 -v "$WORK/kite_access_token:/run/secrets/kite_access_token:ro" \
+    -e KITE_WS_URL=ws://simulator:8765 -e KITE_API_KEY=demo-api-key \
+    -e KITE_ACCESS_TOKEN_FILE=/run/secrets/kite_access_token bridge check-config --connect
+grep -q '"kite_access_token_file": "/run/secrets/kite_access_token"' "$WORK/run.out" &&
+    grep -q "handshake accepted" "$WORK/run.out" ||
+    fail "the token file was not used: $(cat "$WORK/run.out")"
+if grep -q "demo-access-token" "$WORK/run.out"; then fail "the file's token was printed"; fi
 
 log "start-up subscriptions (BRIDGE_SUBSCRIBE)"
 subscription_is 256265 full || fail "256265 is not subscribed in full mode"
