@@ -289,7 +289,7 @@ class Settings(BaseSettings):
         if self.kite_access_token is None and self.kite_enctoken is None:
             return (
                 "KITE_ACCESS_TOKEN / KITE_ENCTOKEN: no credentials; set KITE_ACCESS_TOKEN "
-                "(with KITE_API_KEY) or KITE_ENCTOKEN (with KITE_USER_ID)"
+                "(with KITE_API_KEY) or KITE_ENCTOKEN (with KITE_USER_ID), or its _FILE"
             )
         if self.kite_enctoken is not None and self.kite_user_id is None:
             return "KITE_USER_ID: required with KITE_ENCTOKEN"
