@@ -11,10 +11,11 @@ import signal
 import time
 
 import orjson
-from helpers import Launch, wait_until
+from helpers import BridgeProcess, Launch, wait_until
 from redis.asyncio import Redis
 
-from chaos.harness import Listen, MakeSim
+from bridge.simulator.server import Simulator
+from chaos.harness import Listen, Listener, MakeSim
 
 TOKEN = 408065
 
@@ -23,13 +24,20 @@ async def _status_pid(redis: Redis, namespace: str) -> int:
     return int(await redis.hget(f"{namespace}:status", "pid") or 0)
 
 
+async def _ready_bridge(
+    make_sim: MakeSim, launch: Launch, listen: Listen, redis_url: str, mode: str
+) -> tuple[Simulator, BridgeProcess, Listener]:
+    """A simulator, a ready bridge subscribed to TOKEN in ``mode``, and a tick listener."""
+    sim = await make_sim(tick_interval=0.05)
+    bridge = await launch(sim, redis_url, BRIDGE_SUBSCRIBE=f"{mode}:{TOKEN}")
+    await wait_until(bridge.ready, within=15)
+    return sim, bridge, await listen(redis_url)
+
+
 async def test_a_second_bridge_waits_as_standby_and_takes_over(
     make_sim: MakeSim, launch: Launch, listen: Listen, redis: Redis, redis_url: str, namespace: str
 ) -> None:
-    sim = await make_sim(tick_interval=0.05)
-    first = await launch(sim, redis_url, BRIDGE_SUBSCRIBE=f"full:{TOKEN}")
-    await wait_until(first.ready, within=15)
-    listener = await listen(redis_url)
+    sim, first, listener = await _ready_bridge(make_sim, launch, listen, redis_url, "full")
 
     second = await launch(sim, redis_url)
     await wait_until(lambda: bool(second.log_events("namespace_in_use")), within=15)
@@ -80,10 +88,7 @@ async def test_a_second_bridge_waits_as_standby_and_takes_over(
 async def test_a_bridge_whose_lease_was_taken_stops_publishing_and_exits_5(
     make_sim: MakeSim, launch: Launch, listen: Listen, redis: Redis, redis_url: str, namespace: str
 ) -> None:
-    sim = await make_sim(tick_interval=0.05)
-    bridge = await launch(sim, redis_url, BRIDGE_SUBSCRIBE=f"quote:{TOKEN}")
-    await wait_until(bridge.ready, within=15)
-    listener = await listen(redis_url)
+    _, bridge, listener = await _ready_bridge(make_sim, launch, listen, redis_url, "quote")
     await wait_until(lambda: listener.ticks[TOKEN] > 5, within=5)
 
     other = orjson.dumps({"host": "elsewhere", "pid": 7, "since": "now", "id": "x"})
