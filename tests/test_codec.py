@@ -233,7 +233,7 @@ def test_divisor_applies_to_every_price_and_no_quantity() -> None:
         depth=Depth([DepthLevel(7, 83.2, 9)] * 5, [DepthLevel(8, 83.3, 10)] * 5),
     )
     packet = encode_packet(tick)
-    values = codec._FULL.unpack(packet)
+    values = struct.unpack(">IiIiIIIiiiiIIIII" + "IiH2x" * 10, packet)
     assert values[1] == 832525000
     assert values[3] == 831000000
     assert values[7:11] == (830000000, 835000000, 825000000, 832500000)
@@ -245,7 +245,7 @@ def test_divisor_applies_to_every_price_and_no_quantity() -> None:
     ]
 
 
-def test_prices_are_signed_and_quantities_unsigned() -> None:
+def test_prices_divided_by_100_are_signed_and_quantities_unsigned() -> None:
     packet = struct.pack(
         ">IiIiIIIiiii",
         0x0101,
@@ -270,6 +270,45 @@ def test_prices_are_signed_and_quantities_unsigned() -> None:
     assert tick.total_sell_quantity == 2147483648
     assert tick.ohlc == Ohlc(open=-1.0, high=1.0, low=-2.0, close=-0.5)
     assert tick.change == (-0.05 - -0.5) * 100 / -0.5
+
+
+@pytest.mark.parametrize(("segment", "divisor"), [(3, 10_000_000), (6, 10_000), (12, 10_000)])
+def test_prices_divided_by_more_than_100_are_unsigned(segment: int, divisor: int) -> None:
+    # NSE commodity silver is quoted per kg: Rs 2,50,000.0000 is 2.5e9 raw, above 2**31 - 1.
+    token = (0x1234 << 8) | segment
+    raw = 2_500_000_000
+    quote = struct.pack(">IIIIIIIIIII", token, raw, 1, raw - 1, 2, 3, 4, raw, raw + 5, raw - 5, raw)
+    depth = b"".join(struct.pack(">IIH2x", 1, raw - level, 1) for level in range(10))
+    packet = quote + struct.pack(">IIIII", 0, 0, 0, 0, 0) + depth
+    frame = encode_raw_frame([struct.pack(">II", token, 0xFFFF_FFFF), packet])
+    ltp, (tick,) = decode_frame(frame)[0], decode_frame(frame)[1:]
+    assert ltp.last_price == 0xFFFF_FFFF / divisor
+    assert isinstance(tick, FullTick)
+    assert tick.last_price == raw / divisor > 0
+    assert tick.average_traded_price == (raw - 1) / divisor
+    assert tick.ohlc == Ohlc(raw / divisor, (raw + 5) / divisor, (raw - 5) / divisor, raw / divisor)
+    prices = [level.price for level in tick.depth.buy + tick.depth.sell]
+    assert prices == [(raw - level) / divisor for level in range(10)]
+    assert [orjson.loads(body)["last_price"] for _, body in frame_payloads(frame)] == [
+        0xFFFF_FFFF / divisor,
+        raw / divisor,
+    ]
+    assert encode_frame(decode_frame(frame)) == frame
+
+
+def test_the_wire_range_of_prices_depends_on_the_segment() -> None:
+    nco, nse = (7 << 8) | 12, (7 << 8) | 1
+    assert encode_packet(LtpTick(True, "ltp", nco, 429_496.7295)) == struct.pack(
+        ">II", nco, 0xFFFF_FFFF
+    )
+    assert encode_packet(LtpTick(True, "ltp", nse, -37.63)) == struct.pack(">Ii", nse, -3763)
+    for tick in (
+        LtpTick(True, "ltp", nco, -0.01),  # no negative price where prices are unsigned
+        LtpTick(True, "ltp", nco, 429_496.7296),
+        LtpTick(True, "ltp", nse, 21_474_836.48),
+    ):
+        with pytest.raises(ValueError, match="out of range"):
+            encode_packet(tick)
 
 
 def test_depth_orders_are_uint16_and_padding_is_ignored() -> None:

@@ -24,6 +24,8 @@ PROFILE = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], 
 
 # Written out independently of the codec's own table (kite-protocol.md §3.8).
 DIVISORS = {3: 10_000_000, 6: 10_000, 12: 10_000}
+# Raw prices are uint32 in those segments and int32 in all others.
+PRICE_FORMAT = {3: "I", 6: "I", 12: "I"}
 KINDS = {8: LtpTick, 28: IndexQuoteTick, 32: IndexFullTick, 44: QuoteTick, 184: FullTick}
 
 
@@ -41,8 +43,9 @@ def test_encode_of_decode_is_identity(packets: list[bytes]) -> None:
 @given(VALID_PACKETS)
 def test_decoded_fields_follow_the_segment(packet: bytes) -> None:
     (tick,) = decode_frame(encode_raw_frame([packet]))
-    token, raw_ltp = struct.unpack_from(">Ii", packet)
+    token = struct.unpack_from(">I", packet)[0]
     segment = token & 0xFF
+    (raw_ltp,) = struct.unpack_from(">" + PRICE_FORMAT.get(segment, "i"), packet, 4)
     assert tick.instrument_token == token
     assert tick.tradable is (segment != 9)
     assert tick.last_price == raw_ltp / DIVISORS.get(segment, 100)
@@ -64,7 +67,9 @@ def test_depth_prices_use_the_segment_divisor(segment: int, prices: list[int]) -
     assert isinstance(tick, FullTick)
     divisor = DIVISORS.get(segment, 100)
     decoded = [level.price for level in tick.depth.buy + tick.depth.sell]
-    assert decoded == [price / divisor for price in prices]
+    # The same 32 bits, read as the segment reads prices.
+    raw = [price % 2**32 if segment in PRICE_FORMAT else price for price in prices]
+    assert decoded == [price / divisor for price in raw]
 
 
 @PROFILE

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -32,6 +33,7 @@ from helpers import (
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from bridge.kite.codec import encode_raw_frame
 from bridge.redis_client import create_redis
 from bridge.simulator.server import Simulator
 
@@ -305,6 +307,32 @@ async def test_a_hand_edit_of_the_desired_set_is_followed_within_seconds(
         [(1, 1, 1), (0, 1, 0)],  # both edits seen in one guard round, then the DEL
         [(1, 0, 1), (0, 1, 0), (0, 1, 0)],  # or the HSET first, then the HDEL, then the DEL
     )
+
+
+async def test_a_price_beyond_int32_in_a_commodity_segment_is_published_as_sent(
+    start_bridge: StartBridge, sim: Simulator, redis: Redis, namespace: str, listener: Listener
+) -> None:
+    # NSE commodity (segment 12, prices / 10,000) silver at Rs 2,50,000.0000 per kg: 2.5e9 raw,
+    # which a signed reader would publish as -1,79,496.7296.
+    silver = (0x4D2 << 8) | 12
+    bridge = await start_bridge(BRIDGE_SUBSCRIBE=f"full:{silver}")
+    await sim.wait_for(lambda: sim.subscriptions() == {silver: "full"}, 10)
+    raw = 2_500_000_000
+    quote = struct.pack(">IIIIIIIIIII", silver, raw, 1, raw, 30, 5, 6, raw, raw, raw, raw - 10_000)
+    depth = b"".join(struct.pack(">IIH2x", 1, raw - level * 100, 1) for level in range(10))
+    await sim.send_binary(encode_raw_frame([quote + struct.pack(">IIIII", 0, 0, 0, 0, 0) + depth]))
+    await wait_until(lambda: any(t["last_price"] == 250_000.0 for t in listener.ticks(silver)))
+    (tick,) = [t for t in listener.ticks(silver) if t["last_price"] == 250_000.0]
+    assert tick["ohlc"]["close"] == 249_999.0
+    assert [level["price"] for level in tick["depth"]["sell"]] == [
+        249_999.95,
+        249_999.94,
+        249_999.93,
+        249_999.92,
+        249_999.91,
+    ]
+    code, _ = await bridge.stop()
+    assert code == 0
 
 
 async def test_expired_token_exits_3_quickly(

@@ -79,6 +79,7 @@ __all__ = [
     "encode_raw_frame",
     "frame_payloads",
     "segment_divisor",
+    "unsigned_prices",
 ]
 
 LTP_LENGTH: Final = 8
@@ -90,20 +91,50 @@ FULL_LENGTH: Final = 184
 #: Segment byte of index tokens: indices are not tradable.
 _INDICES_SEGMENT: Final = 9
 
-# Prices are int32; token, quantities, volume, OI and timestamps uint32 (kite-protocol §3.3-3.7).
+# Token, quantities, volume, OI and timestamps are uint32 (kite-protocol §3.3-3.7). Prices (``$``
+# below) are read as int32 in the segments divided by 100 and as uint32 in those divided by 1e4 or
+# 1e7: a raw value >= 2**31 is either negative or very large, and which one is real depends on the
+# divisor. Divided by 100 it would be a price above 21,474,836.47 (none trades there) or a negative
+# one (MCX crude settled at -37 USD in April 2020), so signed. Divided by 1e4 it would be a price
+# above 2,14,748.3647 (NSE commodity silver is quoted per kg, near that level) or a negative
+# currency or commodity price, so unsigned, as pykiteconnect reads every price. The index packets'
+# absolute change (value 6) is signed in every segment.
 _U16: Final = struct.Struct(">H")
-_LTP: Final = struct.Struct(">Ii")
+_LTP_FORMAT: Final = ">I$"
 # token, ltp, high, low, open, close, absolute change [, exchange timestamp]
-_INDEX_QUOTE: Final = struct.Struct(">Iiiiiii")
-_INDEX_FULL: Final = struct.Struct(">IiiiiiiI")
+_INDEX_QUOTE_FORMAT: Final = ">I$$$$$i"
+_INDEX_FULL_FORMAT: Final = _INDEX_QUOTE_FORMAT + "I"
 # token, ltp, ltq, atp, volume, total buy, total sell, open, high, low, close
-_QUOTE_FORMAT: Final = ">IiIiIIIiiii"
-_QUOTE: Final = struct.Struct(_QUOTE_FORMAT)
+_QUOTE_FORMAT: Final = ">I$I$III$$$$"
 # + last trade time, oi, oi day high, oi day low, exchange timestamp, 10 x (qty, price, orders, pad)
-_FULL: Final = struct.Struct(_QUOTE_FORMAT + "IIIII" + "IiH2x" * 10)
+_FULL_FORMAT: Final = _QUOTE_FORMAT + "IIIII" + "I$H2x" * 10
 
 _DIVISORS: Final[dict[int, int]] = {3: 10_000_000, 6: 10_000, 12: 10_000}
 _DEFAULT_DIVISOR: Final = 100
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """One packet kind's struct in both price readings: signed and unsigned."""
+
+    signed: struct.Struct
+    unsigned: struct.Struct
+
+    @classmethod
+    def of(cls, template: str) -> _Layout:
+        return cls(
+            struct.Struct(template.replace("$", "i")), struct.Struct(template.replace("$", "I"))
+        )
+
+    def for_token(self, token: int) -> struct.Struct:
+        return self.unsigned if unsigned_prices(token) else self.signed
+
+
+_LTP: Final = _Layout.of(_LTP_FORMAT)
+_INDEX_QUOTE: Final = _Layout.of(_INDEX_QUOTE_FORMAT)
+_INDEX_FULL: Final = _Layout.of(_INDEX_FULL_FORMAT)
+_QUOTE: Final = _Layout.of(_QUOTE_FORMAT)
+_FULL: Final = _Layout.of(_FULL_FORMAT)
 
 
 #: What :func:`decode_frame` reads: websocket libraries hand out bytes, tests also use views.
@@ -117,6 +148,15 @@ class FrameError(ValueError):
 def segment_divisor(token: int) -> int:
     """Price divisor of an instrument: CDS 1e7, BCD and NCO 1e4, every other segment 100."""
     return _DIVISORS.get(token & 0xFF, _DEFAULT_DIVISOR)
+
+
+def unsigned_prices(token: int) -> bool:
+    """Whether the instrument's raw prices are uint32 (divisor above 100) rather than int32.
+
+    So the prices the wire can carry are ``0 .. (2**32 - 1) / divisor`` for CDS, BCD and NCO and
+    ``-2**31 / 100 .. (2**31 - 1) / 100`` elsewhere (see the formats above for why).
+    """
+    return segment_divisor(token) != _DEFAULT_DIVISOR
 
 
 # Indexed by the segment byte: one tuple lookup per packet instead of a call and a dict miss.
@@ -196,7 +236,7 @@ _DEPTH: Final = tuple(
 _INDEX_HEAD: Final = (0, 1, (Ohlc, 4, 2, 3, 5), _Change(1, 5))
 _QUOTE_HEAD: Final = (0, 1, 2, 3, 4, 5, 6, (Ohlc, 7, 8, 9, 10), _Change(1, 10))
 
-_PACKETS: Final[dict[int, tuple[struct.Struct, _Spec]]] = {
+_PACKETS: Final[dict[int, tuple[_Layout, _Spec]]] = {
     LTP_LENGTH: (_LTP, (LtpTick, _TRADABLE, "ltp", 0, 1)),
     INDEX_QUOTE_LENGTH: (_INDEX_QUOTE, (IndexQuoteTick, _TRADABLE, "quote", *_INDEX_HEAD)),
     INDEX_FULL_LENGTH: (_INDEX_FULL, (IndexFullTick, _TRADABLE, "full", *_INDEX_HEAD, 7)),
@@ -208,11 +248,12 @@ _PACKETS: Final[dict[int, tuple[struct.Struct, _Spec]]] = {
 }
 
 # ---------------------------------------------------------------------------------------------
-# The generator. Every packet starts with the instrument token, value 0 (``v0`` below, whose low
-# byte is the segment). For the 184-byte packet the record decoder reads
+# The generator. Every packet starts with the instrument token, value 0 (``v0`` below), whose low
+# byte, the packet's fourth, is the segment: it picks the struct (signed or unsigned prices) before
+# unpacking. For the 184-byte packet the record decoder reads
 #
-#     v0, v1, ..., v45 = unpack(data, offset)
-#     segment = v0 & 255
+#     segment = data[offset + 3]
+#     v0, v1, ..., v45 = unpackers[segment](data, offset)
 #     divisor = divisors[segment]
 #     p1 = v1 / divisor
 #     p10 = v10 / divisor
@@ -297,7 +338,7 @@ class _Writer:
 
 
 def _source(length: int, values: int, spec: _Spec, *, payload: bool) -> str:
-    """Python source of a factory ``make(unpack, **_NAMES)`` of one decoder of a packet kind.
+    """Python source of a factory ``make(unpackers, **_NAMES)`` of one decoder of a packet kind.
 
     Records are built by constructor calls; payloads by dict displays, then ``orjson.dumps`` and
     an exact-size copy (see ``payload.tick_json``).
@@ -307,12 +348,13 @@ def _source(length: int, values: int, spec: _Spec, *, payload: bool) -> str:
     if payload:
         result = f"v0, bytes(memoryview(dumps({result})))"
     name = f"decode_{length}_{'payload' if payload else 'record'}"
+    unpacked = ", ".join(f"v{i}" for i in range(values))
     return "\n".join(
         [
-            f"def make(unpack, {', '.join(_NAMES)}):",
+            f"def make(unpackers, {', '.join(_NAMES)}):",
             f"    def {name}(data, offset):",
-            f"        {', '.join(f'v{i}' for i in range(values))} = unpack(data, offset)",
-            "        segment = v0 & 255",
+            "        segment = data[offset + 3]",
+            f"        {unpacked} = unpackers[segment](data, offset)",
             "        divisor = divisors[segment]",
             *(f"        p{index} = v{index} / divisor" for index in sorted(writer.hoisted)),
             f"        return {result}",
@@ -323,14 +365,16 @@ def _source(length: int, values: int, spec: _Spec, *, payload: bool) -> str:
 
 
 def _compile(length: int, *, payload: bool) -> Callable[[Buffer, int], Any]:
-    packer, spec = _PACKETS[length]
-    if packer.size != length:
-        raise TypeError(f"{length}-byte spec: its struct reads {packer.size} bytes")
-    values = len(packer.unpack(bytes(length)))
+    layout, spec = _PACKETS[length]
+    if {layout.signed.size, layout.unsigned.size} != {length}:
+        raise TypeError(f"{length}-byte spec: its structs read {layout.signed.size} bytes")
+    values = len(layout.signed.unpack(bytes(length)))
+    # Indexed by the segment byte, like ``divisors``: no call to pick the struct.
+    unpackers = tuple(layout.for_token(segment).unpack_from for segment in range(256))
     source = _SOURCES[length, payload] = _source(length, values, spec, payload=payload)
     namespace: dict[str, Any] = {}
     exec(compile(source, f"<bridge.kite.codec {length}-byte packet>", "exec"), namespace)
-    decoder: Callable[[Buffer, int], Any] = namespace["make"](packer.unpack_from, **_NAMES)
+    decoder: Callable[[Buffer, int], Any] = namespace["make"](unpackers, **_NAMES)
     return decoder
 
 
@@ -470,7 +514,7 @@ def encode_packet(tick: Tick) -> bytes:
             _raw_price(ohlc.close, divisor),
         )
         if not isinstance(tick, FullTick):
-            return _pack(_QUOTE, tick, *quote)
+            return _pack(_QUOTE.for_token(token), tick, *quote)
         levels = tick.depth.buy + tick.depth.sell
         if len(tick.depth.buy) != 5 or len(tick.depth.sell) != 5:
             raise ValueError("a full tick carries exactly 5 buy and 5 sell depth levels")
@@ -480,7 +524,7 @@ def encode_packet(tick: Tick) -> bytes:
             for value in (level.quantity, _raw_price(level.price, divisor), level.orders)
         ]
         return _pack(
-            _FULL,
+            _FULL.for_token(token),
             tick,
             *quote,
             _epoch(tick.last_trade_time),
@@ -503,9 +547,11 @@ def encode_packet(tick: Tick) -> bytes:
             _wrap_int32(ltp - close),
         )
         if isinstance(tick, IndexFullTick):
-            return _pack(_INDEX_FULL, tick, *index, _epoch(tick.exchange_timestamp))
-        return _pack(_INDEX_QUOTE, tick, *index)
-    return _pack(_LTP, tick, token, ltp)
+            return _pack(
+                _INDEX_FULL.for_token(token), tick, *index, _epoch(tick.exchange_timestamp)
+            )
+        return _pack(_INDEX_QUOTE.for_token(token), tick, *index)
+    return _pack(_LTP.for_token(token), tick, token, ltp)
 
 
 def encode_raw_frame(packets: Iterable[bytes]) -> bytes:
