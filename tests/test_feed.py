@@ -618,6 +618,63 @@ async def test_a_full_inbox_waits_briefly_then_drops_its_older_half_keeping_even
     assert [len(item) for item in big.items if isinstance(item, bytes)] == [30] * len(big.stamps)
 
 
+async def test_a_full_inbox_keeps_order_updates_and_drops_ticks() -> None:
+    inbox = _Inbox(limit=6, max_bytes=10_000)
+    order = '{"type":"order","data":{"order_id":"1"}}'
+    await inbox.put_frame(b"f0", 0.0, 0.01)
+    await inbox.put_frame(order, 1.0, 0.01)  # older than most ticks
+    for n in range(2, 6):
+        await inbox.put_frame(b"f%d" % n, float(n), 0.01)
+    # Full: the older half of the five tick frames goes, the order update stays.
+    assert await inbox.put_frame(b"f6", 6.0, 0.01) == 2
+    assert list(inbox.items) == [order, b"f3", b"f4", b"f5", b"f6"]
+    assert list(inbox.stamps) == [1.0, 3.0, 4.0, 5.0, 6.0]
+    assert inbox.size == sum(len(item) for item in inbox.items)
+    assert inbox.pop() == order
+    # Text frames alone filling it still cannot grow it without bound: the oldest go.
+    texts = _Inbox(limit=4, max_bytes=10_000)
+    for n in range(4):
+        await texts.put_frame(f"t{n}", float(n), 0.01)
+    assert await texts.put_frame("t4", 4.0, 0.01) == 2
+    assert list(texts.items) == ["t2", "t3", "t4"]
+    assert list(texts.stamps) == [2.0, 3.0, 4.0]
+    # The byte bound likewise.
+    big = _Inbox(limit=100, max_bytes=100)
+    for n in range(5):
+        await big.put_frame("x" * 30, float(n), 0.01)
+    assert big.size <= 100
+    assert len(big.items) == len(big.stamps)
+
+
+async def test_an_order_update_behind_a_stuck_handler_is_delivered(sim: Simulator) -> None:
+    gate = asyncio.Event()
+    orders: list[str] = []
+
+    async def stuck(feed: KiteFeed, ticks: Any) -> None:
+        await gate.wait()  # e.g. the bridge's publisher while Redis is down
+
+    feed = make_feed(
+        sim.url,
+        queue_size=20,
+        queue_timeout=0.05,
+        on_tick=stuck,
+        on_order_update=lambda feed, data: orders.append(data["order_id"]),
+    )
+    sim.set_tick_interval(0.005)
+    task = asyncio.create_task(feed.connect())
+    await sim.wait_for(lambda: feed.connected)
+    await feed.subscribe_symbols([408065, 738561], "full")
+    await sim.wait_for(lambda: feed.pending >= 10)
+    await sim.send_order({"order_id": "fill-1", "status": "COMPLETE"})
+    # Ticks keep coming while the handler is stuck: the inbox overflows again and again.
+    dropped = feed.stats.frames_dropped
+    await sim.wait_for(lambda: feed.stats.frames_dropped > dropped + 40, 10)
+    gate.set()
+    await sim.wait_for(lambda: orders == ["fill-1"], 5)
+    await feed.close()
+    await task
+
+
 # --------------------------------------------------------------------------------------------
 # Faults and reconnects
 

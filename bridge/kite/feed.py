@@ -284,21 +284,45 @@ class _Inbox:
         self.put_nowait(item)
 
     def _drop_older_half(self) -> int:
-        """Half at once, not one per new frame: one O(n) pass per many frames."""
-        frames = len(self.stamps)
+        """Make room by dropping the older half of the waiting tick frames.
+
+        Text frames (order updates, Kite's errors) and lifecycle events stay: a tick is
+        superseded by the instrument's next one, an order update by nothing. Only when text frames
+        alone still fill the inbox do the oldest of them go too, so memory stays bounded whatever
+        the server sends. Half at once, not one per new frame: one O(n) pass per many frames.
+        """
+        dropped = self._drop_half(lambda item: type(item) is bytes)
+        if self.full():
+            dropped += self._drop_half(lambda item: True)
+        return dropped
+
+    def _drop_half(self, droppable: Callable[[bytes | str], bool]) -> int:
+        """Drop the older half of the droppable frames, and more, oldest first, while over half
+        of ``max_bytes``."""
+        candidates = sum(
+            1 for item in self.items if not isinstance(item, _Event) and droppable(item)
+        )
         half_bytes = self.max_bytes // 2
         dropped = 0
-        kept: list[_Item] = []
+        items: list[_Item] = []
+        stamps: list[float] = []
+        frame_stamps = iter(self.stamps)
         for item in self.items:
-            if not isinstance(item, _Event) and (dropped < frames // 2 or self.size > half_bytes):
+            if isinstance(item, _Event):
+                items.append(item)
+                continue
+            stamp = next(frame_stamps)
+            if droppable(item) and (dropped < candidates // 2 or self.size > half_bytes):
                 self.size -= len(item)
                 dropped += 1
             else:
-                kept.append(item)
-        self.items.clear()  # in place: the reader and the dispatcher hold this deque
-        self.items.extend(kept)
-        for _ in range(dropped):
-            self.stamps.popleft()
+                items.append(item)
+                stamps.append(stamp)
+        # In place: the reader and the dispatcher hold these deques.
+        self.items.clear()
+        self.items.extend(items)
+        self.stamps.clear()
+        self.stamps.extend(stamps)
         return dropped
 
     async def wait(self) -> None:
