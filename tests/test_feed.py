@@ -850,6 +850,34 @@ async def test_connections_that_stayed_up_reset_the_backoff() -> None:
     assert {attempt for attempt, _ in rec.of("reconnect")} == {1}
 
 
+async def test_slow_failed_handshakes_do_not_reset_the_backoff() -> None:
+    # A gateway that accepts TCP and never answers the upgrade: every attempt times out after
+    # connect_timeout, longer than reset_after. Only an open connection is health.
+    async def black_hole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(black_hole, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    rec = Recorder()
+    feed = make_feed(
+        f"ws://127.0.0.1:{port}",
+        rec,
+        max_retries=2,
+        base_wait=0.01,
+        reset_after=0.1,
+        connect_timeout=0.2,
+    )
+    try:
+        with pytest.raises(RetriesExhausted):
+            await asyncio.wait_for(feed.connect(), 10)
+    finally:
+        server.close()
+    assert [attempt for attempt, _ in rec.of("reconnect")] == [1, 2]
+    assert feed.stats.connections == 0
+
+
 async def test_unretryable_errors_are_raised_at_once(sim: Simulator) -> None:
     feed = make_feed(sim.url)
     with pytest.raises(TypeError):

@@ -218,6 +218,34 @@ async def test_short_lived_calls_never_reset() -> None:
     assert time.sleeps == [2, 4, 8, 16, 32]
 
 
+async def test_uptime_decides_what_counts_as_healthy() -> None:
+    """Calls that hang 40 s each but were never healthy (a black-holed handshake) are a streak."""
+    time = FakeTime()
+    call = Flaky(time, [TimeoutError()] * 20, durations=[40.0] * 20)
+    seen: list[tuple[type[Exception], float]] = []
+
+    def never_connected(exc: Exception, elapsed: float) -> float:
+        seen.append((type(exc), elapsed))
+        return 0.0
+
+    with pytest.raises(RetriesExhausted):
+        await retry_call(
+            call,
+            max_retries=3,
+            backoff=Backoff(2, 60, 0),
+            reset_after=30,
+            sleep=time.sleep,
+            clock=time.clock,
+            uptime=never_connected,
+        )
+    assert time.sleeps == [2, 4, 8]
+    assert seen == [(TimeoutError, 40.0)] * 4
+    # The same calls without ``uptime``: each ran past reset_after, so none is a streak.
+    time = FakeTime()
+    call = Flaky(time, [TimeoutError()] * 20, durations=[40.0] * 20)
+    assert await retry_call(call, max_retries=3, sleep=time.sleep, clock=time.clock) == "ok"
+
+
 async def test_many_spread_out_drops_never_exhaust() -> None:
     time = FakeTime()
     call = Flaky(time, [OSError()] * 200, durations=[3600.0] * 200)

@@ -345,11 +345,19 @@ class _Inbox:
 class _Dropped(Exception):
     """An established connection ended; retryable."""
 
-    def __init__(self, cause: str, code: int | None, reason: str) -> None:
+    def __init__(self, cause: str, code: int | None, reason: str, uptime: float = 0.0) -> None:
         self.cause = cause
         self.code = code
         self.reason = reason
+        #: Seconds the connection had been open: what the retry counter's reset looks at.
+        self.uptime = uptime
         super().__init__(f"connection {cause} (code {code}, reason {reason!r})")
+
+
+def _connection_uptime(exc: Exception, elapsed: float) -> float:
+    # Only an open connection counts as health: a handshake that hangs for connect_timeout is a
+    # failure however long it took, or a black-holed gateway would be retried forever.
+    return exc.uptime if isinstance(exc, _Dropped) else 0.0
 
 
 def _retryable(exc: Exception) -> bool:
@@ -748,6 +756,7 @@ class KiteFeed:
                 retryable=_retryable,
                 on_retry=self._on_retry,
                 sleep=self._sleep,
+                uptime=_connection_uptime,
             )
         except AuthError as exc:
             self._log.error("auth_failed", status=exc.status, url=self.redacted_url)
@@ -894,7 +903,7 @@ class KiteFeed:
             self._inbox.put_nowait(_Event("on_disconnect", (cause, code, reason)))
         if cause == "client" or self._closing.is_set():
             return
-        raise _Dropped(cause, code, reason)
+        raise _Dropped(cause, code, reason, uptime)
 
     async def _open(self, options: Mapping[str, Any]) -> ClientConnection | None:
         """Handshake, abandoned if ``close()`` comes first."""

@@ -9,9 +9,11 @@ gives up on 429 and treats 403 like any other fatal status (ecosystem-notes §2a
   ``max_wait * (1 + jitter)`` (66 s with the defaults) and never undercuts the formula;
 * an HTTP 403 on the handshake (expired or invalid token) raises :class:`AuthError` at once:
   retrying cannot fix a token and would only hammer the gateway;
-* the attempt counter goes back to 0 when the failing call had run for ``reset_after`` seconds,
-  so a feed that drops once a day never runs out of retries, while a server that accepts and
-  then closes at once still meets a growing backoff;
+* the attempt counter goes back to 0 when the failing call had been healthy for ``reset_after``
+  seconds (by default: had run that long; :class:`~bridge.kite.feed.KiteFeed` counts only the
+  time its connection was open, so slow failed handshakes are a streak too), so a feed that
+  drops once a day never runs out of retries, while a server that accepts and then closes at
+  once still meets a growing backoff;
 * after ``max_retries`` retries in a row (so ``max_retries + 1`` failed calls) it raises
   :class:`RetriesExhausted`.
 """
@@ -38,6 +40,7 @@ __all__ = [
     "Backoff",
     "OnRetry",
     "RetriesExhausted",
+    "Uptime",
     "auth_error",
     "retry",
     "retry_call",
@@ -48,6 +51,10 @@ T = TypeVar("T")
 
 #: HTTP status of a rejected handshake that no retry can fix (kite-protocol.md §1.3).
 AUTH_STATUS: Final = 403
+
+#: ``uptime(error, elapsed)``: how long a call that failed with ``error`` after ``elapsed``
+#: seconds had been healthy, for the stability reset.
+Uptime = Callable[[Exception, float], float]
 
 #: ``on_retry(attempt, wait, error)``: ``attempt`` counts from 1 (the first retry), ``wait`` is
 #: the sleep about to start, ``error`` the failure that caused it. May be a coroutine function.
@@ -143,11 +150,13 @@ async def retry_call(
     on_retry: OnRetry | None = None,
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     clock: Callable[[], float] = time.monotonic,
+    uptime: Uptime | None = None,
 ) -> T:
     """Await ``call()`` until it returns, retrying failures by the module's policy.
 
     ``retryable(error)`` returning False re-raises ``error`` unchanged (for errors no wait can
     fix, such as a programming error); by default every :class:`Exception` but a 403 is retried.
+    ``uptime`` says how long a failed call had been healthy (default: how long it ran).
     Cancellation is never caught.
     """
     if max_retries < 0:
@@ -166,7 +175,8 @@ async def retry_call(
                 raise denied from exc
             if retryable is not None and not retryable(exc):
                 raise
-            if clock() - started >= reset_after:
+            elapsed = clock() - started
+            if (elapsed if uptime is None else uptime(exc, elapsed)) >= reset_after:
                 attempt = 0  # the call had been healthy: this is a fresh failure, not a streak
             if attempt >= max_retries:
                 raise RetriesExhausted(attempt + 1, exc) from exc
