@@ -117,6 +117,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     for check in checks:
         if not check.ok:
             print(f"bridge: check failed: {check.check}: {check.detail}", file=sys.stderr)
+        elif check.warning:
+            print(f"bridge: warning: {check.check}: {check.detail}", file=sys.stderr)
     return int(preflight.exit_code(checks))
 
 

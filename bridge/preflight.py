@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from redis.exceptions import RedisError, ResponseError
 
+from bridge import persistence
 from bridge.exit_codes import EXIT_AUTH, EXIT_CRASH, EXIT_OK
 from bridge.kite.feed import KiteFeed
 from bridge.kite.retry import AUTH_STATUS, AuthError
@@ -44,6 +45,8 @@ class Check:
     detail: str
     #: HTTP status of a refused websocket handshake; ``None`` otherwise.
     status: int | None = None
+    #: Passed, but with a risk the operator should know about (printed, exit code unchanged).
+    warning: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,7 +57,8 @@ def _error(exc: BaseException) -> str:
 
 
 async def check_redis(settings: Settings, within: float = CHECK_TIMEOUT) -> list[Check]:
-    """Reach Redis, refuse a read-only replica, and read who holds the namespace."""
+    """Reach Redis, refuse a read-only replica, read who holds the namespace and whether the
+    server keeps the stored subscriptions across its restart."""
     ns = settings.namespace
     where = settings.redis_url_redacted
     client = create_redis(
@@ -76,6 +80,7 @@ async def check_redis(settings: Settings, within: float = CHECK_TIMEOUT) -> list
                 return [Check("redis", False, detail)]
             holder = await client.get(f"{ns}:lock")
             stored = await client.hlen(f"{ns}:subscriptions")
+            kept = await persistence.probe(client)
     except (RedisError, OSError, TimeoutError) as exc:
         return [Check("redis", False, f"{where}: {_error(exc)}")]
     finally:
@@ -90,6 +95,7 @@ async def check_redis(settings: Settings, within: float = CHECK_TIMEOUT) -> list
             else f"{ns} is held by a running bridge ({describe_identity(holder)}); "
             "a second one would wait as its standby",
         ),
+        Check("persistence", True, kept.detail, warning=kept.durable is False),
     ]
 
 

@@ -35,6 +35,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bridge import persistence
 from bridge.cancel import cancel_and_wait, checkpoint
 from bridge.commands import MAX_TOKENS
 from bridge.config import ConfigError, Settings
@@ -405,6 +406,11 @@ class Bridge:
             _log.info("subscriptions_merged", added=len(extra))
         await self.feed.reconcile(desired)
         _log.info("subscriptions_loaded", subscriptions=len(desired))
+        kept = await self._with_redis("probe_persistence", lambda: persistence.probe(self.redis))
+        if kept.durable is False:
+            _log.warning("redis_not_persistent", detail=kept.detail)
+        else:
+            _log.info("redis_persistence", detail=kept.detail)
 
     async def _guard_subscriptions(self, interval: float = 1.0, follow_every: int = 5) -> None:
         """Keep the feed on the desired set in Redis when something bypasses the commands.

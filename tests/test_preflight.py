@@ -93,7 +93,11 @@ async def test_redis_reachable_and_namespace_free(redis_url: str, namespace: str
     finally:
         await client.delete(f"{namespace}:subscriptions")
         await client.aclose()
-    assert [(c.check, c.ok) for c in checks] == [("redis", True), ("namespace", True)]
+    assert [(c.check, c.ok) for c in checks] == [
+        ("redis", True),
+        ("namespace", True),
+        ("persistence", True),
+    ]
     assert f"2 stored subscriptions in {namespace}" in checks[0].detail
     assert checks[1].detail == f"{namespace} is free"
     assert keys == [f"{namespace}:subscriptions".encode()]  # the check wrote nothing
@@ -133,8 +137,22 @@ async def test_an_acl_refusing_role_is_let_through(private_redis: MakeRedis) -> 
         await admin.aclose()
     url = server.url.replace("redis://", "redis://bridge:s3cret@")
     checks = await check_redis(settings(redis_url=url))
-    assert [(c.check, c.ok) for c in checks] == [("redis", True), ("namespace", True)]
+    assert [(c.check, c.ok) for c in checks] == [
+        ("redis", True),
+        ("namespace", True),
+        ("persistence", True),
+    ]
     assert "s3cret" not in checks[0].detail
+
+
+async def test_a_redis_that_keeps_nothing_is_a_warning(private_redis: MakeRedis) -> None:
+    volatile, durable = await private_redis(), await private_redis(durable=True)
+    (*_, kept) = await check_redis(settings(redis_url=volatile.url))
+    assert (kept.check, kept.ok, kept.warning) == ("persistence", True, True)
+    assert "a Redis restart while no bridge runs" in kept.detail
+    (*_, kept) = await check_redis(settings(redis_url=durable.url))
+    assert (kept.check, kept.ok, kept.warning) == ("persistence", True, False)
+    assert kept.detail.startswith("append-only file on")
 
 
 async def test_unreachable_redis_fails_and_hides_the_password() -> None:
@@ -148,7 +166,7 @@ async def test_unreachable_redis_fails_and_hides_the_password() -> None:
 async def test_preflight_runs_every_check(redis_url: str, namespace: str) -> None:
     async with Simulator() as sim:
         checks = await preflight(settings(kite_ws_url=sim.url, redis_url=redis_url))
-    assert [c.check for c in checks] == ["redis", "namespace", "kite"]
+    assert [c.check for c in checks] == ["redis", "namespace", "persistence", "kite"]
     assert all(c.ok for c in checks), checks
 
 
@@ -180,8 +198,15 @@ async def test_cli_exit_3_and_one_line_for_an_expired_token(
     assert [(c["check"], c["ok"]) for c in shown["checks"]] == [
         ("redis", True),
         ("namespace", True),
+        ("persistence", True),
         ("kite", False),
     ]
-    assert stderr.decode().startswith("bridge: check failed: kite: ")
-    assert stderr.decode().count("\n") == 1
+    lines = stderr.decode().splitlines()
+    assert [line for line in lines if "check failed" in line] == [lines[-1]]
+    assert lines[-1].startswith("bridge: check failed: kite: ")
+    # A Redis that keeps nothing is said so (a warning), whatever else is wrong.
+    warnings = [line for line in lines if line.startswith("bridge: warning: ")]
+    assert lines == [*warnings, lines[-1]]
+    expected = ["persistence"] if shown["checks"][2]["warning"] else []
+    assert [line.split(": ")[2] for line in warnings] == expected
     assert b"expired-token" not in stdout + stderr

@@ -445,6 +445,14 @@ async def test_redis_restart_mid_stream_recovers(
         await wait_until(lambda: bool(listener.ticks(RELIANCE)), within=5)
         await listener.close()
         connection = max(sim.connections)
+        # It said at start-up that this Redis keeps nothing across a restart.
+        (warning,) = [
+            orjson.loads(line)
+            for line in bridge.log.read_text().splitlines()
+            if '"redis_not_persistent"' in line
+        ]
+        assert warning["level"] == "warning"
+        assert "appendonly yes" in warning["detail"]
 
         await server.kill()  # kill -9: nothing persisted, every connection reset
         await asyncio.sleep(1.5)  # long enough to outlast redis-py's own quick retries

@@ -8,6 +8,7 @@
 # local stand-ins for the base images when Docker Hub is out of reach (tests/e2e/standin-images.sh,
 # reused by tag), builds the image, runs the demo stack, then checks: ticks on a tick channel, a
 # control command taking effect, a second replica waiting as standby and taking over, the
+# subscription set surviving a Redis restart while the bridge is stopped, the
 # demo/live credential rules, a clean stop, and that a bridge
 # whose token Kite refuses (exit 3) is parked, not restart-looped. The stack is removed on exit
 # (`down -v`); on failure the logs are printed first. A watchdog fails the run, printing what was
@@ -473,6 +474,15 @@ log "bridge stopped in $elapsed s with exit code $exit_code (limit ${STOP_LIMIT}
 python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) <= $STOP_LIMIT else 1)" "$elapsed" ||
     fail "the stop took ${elapsed}s, more than the ${STOP_LIMIT}s of CONTRACT §6"
 [[ "$(redis_cli HGET "$NS:status" state)" == stopped ]] || fail "status is not 'stopped' after the stop"
+
+# Redis restarting while no bridge runs (a host reboot, down/up) must not empty the desired set:
+# nobody would write it back. The bundled Redis keeps an append-only file in its volume.
+log "persistence: docker compose restart redis while the bridge is stopped"
+compose restart redis >/dev/null 2>&1 || fail "compose restart redis failed"
+redis_ready() { [[ "$(redis_cli PING 2>/dev/null)" == PONG ]]; }
+wait_for "Redis to answer again" 30 redis_ready
+subscription_is 779521 ltp || fail "the subscription set did not survive a Redis restart"
+subscription_is 256265 full || fail "the subscription set did not survive a Redis restart"
 
 # A refused token (HTTP 403 → exit 3) must park the bridge, not feed a restart loop against Kite.
 # The live .env points at the simulator, which accepts only the demo credentials.

@@ -1,0 +1,64 @@
+"""Does the Redis server keep what the bridge stores there across its own restart?
+
+The desired subscriptions (``<ns>:subscriptions``) and the queued commands live in Redis; pub/sub
+itself needs no persistence. A Redis that keeps nothing (``--save "" --appendonly no``) loses
+them whenever it restarts while no bridge runs to write the set back: a host reboot, a
+``docker compose down`` / ``up``. The bridge then starts with no subscriptions and strategies
+get no data, silently. The bridge cannot prevent that, but it can say so at start-up and in
+``bridge check-config --connect``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+__all__ = ["Persistence", "judge", "probe"]
+
+
+@dataclass(frozen=True, slots=True)
+class Persistence:
+    """``durable`` is ``None`` when the server would not say (``CONFIG`` denied, a proxy)."""
+
+    durable: bool | None
+    detail: str
+
+
+def judge(aof_enabled: bool | None, save: str | None) -> Persistence:
+    """Pure verdict from ``INFO persistence``'s ``aof_enabled`` and ``CONFIG GET save``."""
+    if aof_enabled:
+        return Persistence(True, "append-only file on: stored keys survive a Redis restart")
+    if save:
+        return Persistence(
+            True,
+            f"RDB snapshots only (save {save!r}): a Redis restart loses the commands and"
+            " subscription changes since the last snapshot; appendonly yes loses at most 1 s",
+        )
+    if aof_enabled is None or save is None:
+        return Persistence(None, "unknown: the server did not report its persistence settings")
+    return Persistence(
+        False,
+        "none (no append-only file, no RDB snapshots): a Redis restart while no bridge runs"
+        " (a host reboot, compose down/up) empties the desired subscriptions and queued"
+        " commands; set appendonly yes (REDIS_APPENDONLY=yes with the bundled compose file)",
+    )
+
+
+async def probe(redis: Redis) -> Persistence:
+    """Ask the server; commands it refuses (ACLs, proxies, fakeredis) leave the verdict open."""
+    aof: bool | None
+    save: str | None
+    try:
+        aof = bool(int((await redis.info("persistence")).get("aof_enabled", 0)))
+    except (ResponseError, ValueError, TypeError):
+        aof = None
+    if aof:
+        return judge(aof, None)
+    try:
+        raw = (await redis.config_get("save")).get("save")
+        save = raw.decode() if isinstance(raw, bytes) else raw
+    except ResponseError:
+        save = None
+    return judge(aof, save)
