@@ -850,6 +850,22 @@ async def test_connections_that_stayed_up_reset_the_backoff() -> None:
     assert {attempt for attempt, _ in rec.of("reconnect")} == {1}
 
 
+async def test_a_connection_that_delivered_ticks_resets_the_backoff(sim: Simulator) -> None:
+    """A link that drops every few seconds: each connection served ticks, so each retry is the
+    first (waits stay at base_wait) and the retries never run out."""
+    rec = Recorder()
+    feed = make_feed(sim.url, rec, max_retries=1, base_wait=0.01, max_wait=5, reset_after=30)
+    async with running(feed):
+        await feed.subscribe_symbols([408065], "full")
+        for drops in range(1, 5):
+            ticks = len(rec.ticks)
+            await wait_for(lambda: feed.connected and len(rec.ticks) > ticks)  # noqa: B023
+            await sim.drop()
+            await wait_for(lambda: rec.count("reconnect") >= drops)  # noqa: B023
+    assert [attempt for attempt, _ in rec.of("reconnect")] == [1, 1, 1, 1]
+    assert all(wait < 0.02 for _, wait in rec.of("reconnect"))
+
+
 async def test_slow_failed_handshakes_do_not_reset_the_backoff() -> None:
     # A gateway that accepts TCP and never answers the upgrade: every attempt times out after
     # connect_timeout, longer than reset_after. Only an open connection is health.

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import re
 import time
 import types
@@ -345,19 +346,28 @@ class _Inbox:
 class _Dropped(Exception):
     """An established connection ended; retryable."""
 
-    def __init__(self, cause: str, code: int | None, reason: str, uptime: float = 0.0) -> None:
+    def __init__(
+        self, cause: str, code: int | None, reason: str, uptime: float = 0.0, served: bool = False
+    ) -> None:
         self.cause = cause
         self.code = code
         self.reason = reason
-        #: Seconds the connection had been open: what the retry counter's reset looks at.
+        #: Seconds the connection had been open, and whether market data arrived on it: what the
+        #: retry counter's reset looks at.
         self.uptime = uptime
+        self.served = served
         super().__init__(f"connection {cause} (code {code}, reason {reason!r})")
 
 
 def _connection_uptime(exc: Exception, elapsed: float) -> float:
     # Only an open connection counts as health: a handshake that hangs for connect_timeout is a
-    # failure however long it took, or a black-holed gateway would be retried forever.
-    return exc.uptime if isinstance(exc, _Dropped) else 0.0
+    # failure however long it took, or a black-holed gateway would be retried forever. And a
+    # connection that delivered ticks was healthy however short: on a link that drops every few
+    # seconds the next attempt waits base_wait, not a backoff grown to a minute per drop. A
+    # server that accepts and closes before any tick still meets a growing backoff.
+    if not isinstance(exc, _Dropped):
+        return 0.0
+    return math.inf if exc.served else exc.uptime
 
 
 def _retryable(exc: Exception) -> bool:
@@ -885,6 +895,7 @@ class KiteFeed:
         if ws is None:
             return
         opened = time.monotonic()
+        data_frames = self._data_frames()
         announced = False
         try:
             self.stats.connections += 1
@@ -903,7 +914,12 @@ class KiteFeed:
             self._inbox.put_nowait(_Event("on_disconnect", (cause, code, reason)))
         if cause == "client" or self._closing.is_set():
             return
-        raise _Dropped(cause, code, reason, uptime)
+        raise _Dropped(cause, code, reason, uptime, served=self._data_frames() > data_frames)
+
+    def _data_frames(self) -> int:
+        """Binary frames other than heartbeats received so far: ticks (or malformed ticks)."""
+        stats = self.stats
+        return stats.frames - stats.heartbeats - stats.text_messages
 
     async def _open(self, options: Mapping[str, Any]) -> ClientConnection | None:
         """Handshake, abandoned if ``close()`` comes first."""
