@@ -49,8 +49,10 @@ ACTIONS: Final[tuple[Action, ...]] = get_args(Action)
 MODES: Final[tuple[Mode, ...]] = get_args(Mode)
 #: Kite's limit of instruments per websocket connection.
 MAX_TOKENS: Final = 3000
-#: Longest accepted command: ample for 3000 tokens, small enough to never hurt the consumer.
-MAX_COMMAND_BYTES: Final = 64 * 1024
+#: Longest accepted command: 3000 tokens take ~33 KB as compact JSON and ~66 KB pretty-printed
+#: as strings (``json.dumps(..., indent=4)``), so 4x that, and still small enough to never hurt
+#: the consumer. Longer pushes are not parsed at all (no reply: their id is not read).
+MAX_COMMAND_BYTES: Final = 256 * 1024
 MAX_TOKEN: Final = 2**32 - 1
 
 _ID_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -208,11 +210,13 @@ def _parse_json(text: str, default_mode: Mode) -> Command:
     if not isinstance(obj, dict):
         raise CommandError("a JSON command must be an object")
     duplicate = _duplicate_key(text)
-    if duplicate is not None:
-        # {"action": "subscribe", ..., "action": "unsubscribe"}: JSON parsers keep the last,
-        # the operator may have meant the first. Refuse rather than guess (no reply id either).
+    if duplicate == "id":  # which one to answer is a guess: neither is
         raise CommandError(f"duplicate key {_show(duplicate)}: give each key once")
     command_id = _json_id(obj)
+    if duplicate is not None:
+        # {"action": "subscribe", ..., "action": "unsubscribe"}: JSON parsers keep the last,
+        # the operator may have meant the first. Refuse rather than guess.
+        raise CommandError(f"duplicate key {_show(duplicate)}: give each key once", command_id)
     try:
         unknown = sorted(set(obj) - _JSON_KEYS)
         if unknown:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
 from hypothesis import given
@@ -144,6 +146,24 @@ def test_rejection_keeps_a_readable_id_so_the_reply_reaches_the_sender() -> None
     with pytest.raises(CommandError) as text:
         parse_command("subscribe fulll 1")
     assert text.value.id is None
+    # A key given twice is refused, but the sender still hears why, unless the key is the id.
+    with pytest.raises(CommandError) as twice:
+        parse_command('{"id": "d1", "action": "list", "action": "list"}')
+    assert twice.value.id == "d1"
+    assert twice.value.reason == "duplicate key 'action': give each key once"
+    with pytest.raises(CommandError) as two_ids:
+        parse_command('{"id": "d1", "id": "d2", "action": "list"}')
+    assert two_ids.value.id is None
+
+
+def test_the_largest_subscribe_fits_however_it_is_formatted() -> None:
+    tokens = [4_000_000_000 + n for n in range(MAX_TOKENS)]
+    loose = {"id": "big", "action": "subscribe", "mode": "full", "tokens": [str(t) for t in tokens]}
+    raw = json.dumps(loose, indent=8)
+    assert len(raw) > 90_000
+    assert parse_command(raw) == Command("subscribe", tuple(tokens), "full", id="big")
+    text = "subscribe full\n" + "\n".join(f"  {t} ," for t in tokens)
+    assert parse_command(text) == Command("subscribe", tuple(tokens), "full")
 
 
 def test_over_long_commands_are_rejected_before_parsing() -> None:
