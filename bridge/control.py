@@ -257,6 +257,12 @@ class ControlConsumer:
                     # to the head of the queue (one LMOVE when there is none).
                     await self.requeue()
                     raw = await self._take(stop_wait)
+                    if raw is not None and await self._redis.llen(self.processing_key) > 1:
+                        # An orphan moved there while we waited, by the BLMOVE redis-py gave up
+                        # on: it was taken from the queue before ours, so it goes first. Both
+                        # back to the head, order kept, and take again.
+                        await self.requeue()
+                        continue
                 except _UNAVAILABLE as exc:
                     self.stats.redis_errors += 1
                     await self._sleep(self._outage.failed(exc), stop_wait)

@@ -353,7 +353,7 @@ async def test_a_command_moved_by_a_blmove_whose_reply_was_lost_is_not_stranded(
 
 
 async def test_a_blmove_whose_reply_was_silently_lost_is_not_stranded_either(
-    redis: Redis, consumer: ControlConsumer, monkeypatch: pytest.MonkeyPatch
+    redis: Redis, consumer: ControlConsumer, feed: FeedSpy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A hung server times the BLMOVE out; redis-py retries it on a new connection and no error
     reaches us, but the hung server still runs the first one when it wakes: the command it
@@ -366,11 +366,42 @@ async def test_a_blmove_whose_reply_was_silently_lost_is_not_stranded_either(
 
     lost = await run_losing_the_first_move(redis, consumer, monkeypatch, silent_retry)
     assert lost == 1
-    assert consumer.stats.requeued == 1
+    assert consumer.stats.requeued == 2  # the orphan and the command taken after it, in order
     assert consumer.stats.redis_errors == 0  # nothing was reported: found by looking
+    assert feed.calls == [{1: "ltp"}, {1: "ltp", 2: "full"}]  # in the order they were pushed
     assert await stored(redis) == {"1": "ltp", "2": "full"}
     assert await redis.llen(PROCESSING) == 0
     assert await redis.llen(CONTROL) == 0
+
+
+async def test_an_orphan_older_than_the_taken_command_is_applied_first(
+    redis: Redis, consumer: ControlConsumer, feed: FeedSpy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis hangs while the consumer blocks; redis-py times the BLMOVE out and retries it on a
+    new connection. When Redis wakes, the abandoned BLMOVE takes X and the retry takes Y, pushed
+    after X. Applying Y then X would undo the operator's unsubscribe."""
+    await redis.rpush(CONTROL, "subscribe ltp 1", "unsubscribe 1", "subscribe full 2")
+    real_blmove = redis.blmove
+    orphaned = 0
+
+    async def blmove(*args: Any, **kwargs: Any) -> Any:
+        nonlocal orphaned
+        if orphaned == 0:
+            orphaned += 1  # the abandoned BLMOVE, run by the server after the requeue
+            assert await redis.lmove(CONTROL, PROCESSING, "LEFT", "RIGHT") is not None
+        return await real_blmove(*args, **kwargs)
+
+    monkeypatch.setattr(redis, "blmove", blmove)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    await wait_until(lambda: consumer.stats.applied == 3)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert orphaned == 1
+    assert consumer.stats.requeued == 2  # the orphan and the taken command, back in order
+    assert feed.calls == [{1: "ltp"}, {}, {2: "full"}]
+    assert await stored(redis) == {"2": "full"}
+    assert await redis.llen(PROCESSING) == 0
 
 
 async def test_redis_failure_at_commit_applies_nothing_and_retries_to_the_same_effect(
