@@ -19,8 +19,15 @@ anything of the namespace:
   off from Redis stops publishing before a standby can have taken over. A server that answers
   but refuses writes (out of memory, read-only replica) refuses them to a standby as well, so
   it keeps the gate open.
-* A holder that finds the key held by another identity has lost it (Redis restarted empty and
-  a standby was quicker, or a partition outlived the TTL): it must stop publishing at once.
+* A holder that finds the key held by another identity has lost it (a partition outlived the
+  TTL): it must stop publishing at once.
+* A Redis restart without persistence empties the key while its holder is alive. A standby
+  could then take it before the holder's next renewal and would start with the empty
+  subscription set of the restarted server, while the holder, which remembers the set and would
+  have written it back, exits: every subscription gone. So a standby that saw the lease held on
+  a server that has restarted since (its ``run_id`` changed) leaves the key alone for one TTL,
+  as if it had survived; the holder takes it back within a second. Only a holder that died
+  meanwhile is replaced, after that TTL, as if it had stopped renewing.
 
 The identity is JSON (``host``, ``pid``, ``since``, a random ``id``), so ``GET <ns>:lock`` tells an
 operator which process holds the namespace.
@@ -126,6 +133,10 @@ class NamespaceLease:
         self._renew_script = redis.register_script(_RENEW)
         self._release_script = redis.register_script(_RELEASE)
         self._scripting = True
+        #: ``run_id`` of the server on which a standby last saw another identity hold the lease.
+        self._seen_on: str | None = None
+        #: When a standby's wait for that holder to re-claim after a Redis restart ends.
+        self._grace_until: float | None = None
 
     @property
     def _ttl_ms(self) -> int:
@@ -141,12 +152,49 @@ class NamespaceLease:
         )
 
     async def acquire(self) -> LeaseState:
-        """Take the lease if it is free (or already ours)."""
+        """Take the lease if it is free (or already ours); see the module doc for the wait a
+        standby makes after a Redis restart."""
+        run_id = await self._run_id()
+        if self._restart_grace(run_id):
+            current = await self._redis.get(self.key)
+            if current is None:
+                return LeaseState.TAKEN  # still the holder's to re-claim
+            self._seen_on, self._grace_until = run_id, None
+            if current != self.identity:
+                return self._taken(_bytes(current))
         sent_at = self._clock()
         if await self._redis.set(self.key, self.identity, nx=True, px=self._ttl_ms):
             return self._confirm(sent_at)
         # Taken, or taken by us: a SET whose reply was lost and that redis-py retried.
-        return await self.renew()
+        state = await self.renew()
+        if state is LeaseState.TAKEN:
+            self._seen_on, self._grace_until = run_id, None
+        return state
+
+    def _restart_grace(self, run_id: str | None) -> bool:
+        """Is this a standby still giving the holder it saw time to re-claim the lease after a
+        restart of the server?"""
+        if self._seen_on is None or run_id is None or run_id == self._seen_on:
+            return False
+        now = self._clock()
+        if self._grace_until is None:
+            self._grace_until = now + self.ttl
+            _log.info(
+                "lease_restart_grace",
+                key=self.key,
+                holder=self.describe_holder(),
+                wait=self.ttl,
+                reason="Redis restarted since the holder was seen: it may re-claim the lease",
+            )
+        return now < self._grace_until
+
+    async def _run_id(self) -> str | None:
+        """The server's ``run_id`` (new at every start); ``None`` where ``INFO`` is refused."""
+        try:
+            run_id = (await self._redis.info("server")).get("run_id")
+        except ResponseError:
+            return None
+        return None if run_id is None else str(run_id)
 
     async def renew(self) -> LeaseState:
         """Extend our lease; take it again if it vanished; TAKEN if someone else holds it."""
@@ -248,6 +296,7 @@ class NamespaceLease:
     def _confirm(self, sent_at: float) -> LeaseState:
         # Redis set the expiry when it received the request, after ``sent_at``: counting from
         # ``sent_at`` errs on the safe side.
+        self._seen_on = self._grace_until = None
         self.held = True
         self.holder = self.identity
         self._confirmed_at = sent_at

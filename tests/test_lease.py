@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator
 import fakeredis
 import orjson
 import pytest
+from helpers import MakeRedis
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from bridge.lease import DEFAULT_TTL, LeaseState, NamespaceLease
+from bridge.redis_client import create_redis
 from bridge.transports import FencedTransport, NotLeaseholder
 
 
@@ -151,3 +153,60 @@ async def test_the_fenced_transport_sends_only_through_an_open_gate() -> None:
     gate[0] = True
     assert await fenced([b"ch", b"msg"]) == 0
     assert sent == [[b"ch", b"msg"]]
+
+
+@pytest.mark.redis
+async def test_after_a_redis_restart_the_standby_lets_the_holder_reclaim(
+    private_redis: MakeRedis, namespace: str
+) -> None:
+    """Redis restarts empty: the key is gone but its holder lives. A standby that took it at once
+    would start with the restarted server's empty subscription set while the holder, which
+    would have written its set back, exits 5. The standby waits one TTL instead."""
+    server = await private_redis()
+    clock = Clock()
+    # Clients that retry, as the bridge's do: the first call after the restart finds its
+    # connection closed.
+    holder_client, standby_client = create_redis(server.url), create_redis(server.url)
+    holder = NamespaceLease(holder_client, namespace, clock=clock)
+    standby = NamespaceLease(standby_client, namespace, clock=clock)
+    try:
+        assert await holder.acquire() is LeaseState.HELD
+        assert await standby.acquire() is LeaseState.TAKEN
+        await server.kill()
+        await server.start()
+        with capture_logs() as logs:
+            assert await standby.acquire() is LeaseState.TAKEN  # free, but left alone
+        assert [log["event"] for log in logs] == ["lease_restart_grace"]
+        assert await standby_client.get(f"{namespace}:lock") is None
+        clock.now += 1.0
+        assert await holder.renew() is LeaseState.HELD  # re-claimed within a second
+        assert await standby.acquire() is LeaseState.TAKEN
+        assert standby.holder == holder.identity
+        # A holder that died with the restart is replaced one TTL later, as if it had expired.
+        await server.kill()
+        await server.start()
+        assert await standby.acquire() is LeaseState.TAKEN
+        clock.now += DEFAULT_TTL - 0.1
+        assert await standby.acquire() is LeaseState.TAKEN
+        clock.now += 0.1
+        assert await standby.acquire() is LeaseState.HELD
+        assert await standby.renew() is LeaseState.HELD
+        assert await holder.renew() is LeaseState.TAKEN
+        assert holder.lost
+    finally:
+        await holder_client.aclose()
+        await standby_client.aclose()
+
+
+async def test_without_info_a_standby_takes_a_free_lease_at_once(
+    server: fakeredis.FakeServer, namespace: str
+) -> None:
+    """Where INFO is refused (fakeredis here, an ACL or a proxy) a restart cannot be told from a
+    release: the free lease is taken at once, as before."""
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    first, second = NamespaceLease(redis, namespace), NamespaceLease(redis, namespace)
+    assert await first.acquire() is LeaseState.HELD
+    assert await second.acquire() is LeaseState.TAKEN
+    await redis.delete(f"{namespace}:lock")
+    assert await second.acquire() is LeaseState.HELD
+    await redis.aclose()
