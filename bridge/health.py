@@ -47,6 +47,15 @@ def check(
         return False, f"status is stale: updated {age:.1f} s ago (max {max_age:g} s), state {state}"
     if state not in LIVE_STATES:
         return False, f"state is {state or 'missing'}"
+    failing_text = fields.get("publish_failing_since", "")
+    if failing_text:  # absent (an older bridge) or "" when publishing works
+        try:
+            failing = datetime.fromisoformat(failing_text)
+        except ValueError:
+            return False, f"status has no valid publish_failing_since ({failing_text!r})"
+        failing_for = ((now or datetime.now(UTC)) - failing).total_seconds()
+        if failing_for > max_age:
+            return False, f"publishing has failed for {failing_for:.1f} s (since {failing_text})"
     return True, f"state {state}, updated {age:.1f} s ago"
 
 

@@ -77,8 +77,10 @@ class Readiness:
 
     Ready means all of: the websocket is connected, its subscriptions were reconciled with
     ``<ns>:subscriptions`` after the latest connect, a frame arrived within ``max_frame_age``
-    (a stalled feed is about to be dropped by the watchdog), and Redis accepted a keyspace write
-    within ``max_redis_age``. Each failed condition adds a reason, so a 503 says what is wrong.
+    (a stalled feed is about to be dropped by the watchdog), Redis accepted a keyspace write
+    within ``max_redis_age``, and ``publishing()`` reports no problem (publishes failing for a
+    while: an ACL denying the tick channels, the namespace lease unconfirmed). Each failed
+    condition adds a reason, so a 503 says what is wrong.
     A standby (bridge/lease.py) is not ready, for that reason alone.
 
     "Writable" means the keyspace, not pub/sub: a Redis out of memory (``noeviction``) or demoted
@@ -98,6 +100,7 @@ class Readiness:
         max_redis_age: float = DEFAULT_MAX_REDIS_AGE,
         redis_error: Callable[[], str | None] = lambda: None,
         standby: Callable[[], str | None] = lambda: None,
+        publishing: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._state = state
         self._connected = connected
@@ -106,6 +109,7 @@ class Readiness:
         self._redis_write_age = redis_write_age
         self._redis_error = redis_error
         self._standby = standby
+        self._publishing = publishing
         self.max_frame_age = max_frame_age
         self.max_redis_age = max_redis_age
 
@@ -138,6 +142,9 @@ class Readiness:
         if redis_reason is not None:
             error = self._redis_error()
             reasons.append(redis_reason if error is None else f"{redis_reason} ({error})")
+        publish_problem = self._publishing()
+        if publish_problem is not None:
+            reasons.append(publish_problem)
         details = {
             "last_frame_age": _rounded(frame_age),
             "redis_write_age": _rounded(redis_age),

@@ -137,6 +137,11 @@ class Publisher:
         self._slow_round_trip = slow_round_trip
         self._keepalive = keepalive
         self._sending_since: float | None = None
+        #: ``time.monotonic()`` of the first failed round trip since the last success, and why
+        #: the latest one failed: ``/readyz`` and the status say so while it lasts.
+        self.failing_since: float | None = None
+        self.failing_since_at: float | None = None  # the same moment, ``time.time()``
+        self.last_error: str | None = None
         if transport == "unreplied":
             self._transport: Transport = UnrepliedTransport(redis)
         elif transport == "lua":
@@ -171,6 +176,12 @@ class Publisher:
         """Ticks and events waiting to be sent (the batch in flight included)."""
         latest = 0 if self._latest is None else len(self._latest)
         return self._buffered + latest + len(self._events) + self._in_flight
+
+    def failing_for(self) -> float | None:
+        """Seconds since the first of the round trips that have failed in a row; ``None`` while
+        the latest succeeded (nothing lost meanwhile: the batches wait, see the module doc)."""
+        since = self.failing_since
+        return None if since is None else time.monotonic() - since
 
     def submit(self, ticks: Sequence[Tick]) -> None:
         """Serialise and queue ``ticks``. O(len(ticks)), never waits, never raises on Redis."""
@@ -294,6 +305,9 @@ class Publisher:
             self._in_flight = 0
             self.stats.errors += 1
             self._put_back(events, ticks)
+            if self.failing_since is None:
+                self.failing_since, self.failing_since_at = time.monotonic(), time.time()
+            self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             wait = self._outage.failed(exc)
             self._progress.set()  # a waiting feed stops waiting: the outage policy applies
             await asyncio.sleep(wait)
@@ -306,6 +320,7 @@ class Publisher:
         self._in_flight = 0
         self._sending_since = None
         elapsed = self._clock() - started
+        self.failing_since = self.failing_since_at = self.last_error = None
         self._outage.recovered()
         if self._stalled and self.pending <= self._low_water:
             self._stalled = False

@@ -78,6 +78,9 @@ __all__ = [
 LEASE_RENEW_INTERVAL: Final = 1.0
 #: A standby repeats "still waiting" this often (seconds), not on every attempt.
 _STANDBY_LOG_EVERY: Final = 60.0
+#: Publishes failing this long (seconds) make ``/readyz`` say so: longer than a blip that the
+#: next batch heals, shorter than anyone would want to trade on a silent feed.
+PUBLISH_FAILING_AFTER: Final = 2.0
 
 #: Set to 1/true to run on uvloop (if installed). Default: the stdlib loop (ecosystem-notes §3:
 #: the loop is not the bottleneck here).
@@ -175,6 +178,7 @@ class Bridge:
                 redis_write_age=self.metrics.redis_writes.age,
                 redis_error=lambda: self.status.last_error,
                 standby=lambda: self._standby_for,
+                publishing=self._publish_problem,
                 max_frame_age=settings.liveness_timeout,
             )
             self.probes = ProbeServer(
@@ -596,9 +600,19 @@ class Bridge:
             frames_total=stats.frames,
             reconnects_total=stats.reconnects,
             subscriptions=len(self.feed.subscriptions),
+            publish_failing_since=_utc(self.publisher.failing_since_at),
         )
 
     # -- readiness --------------------------------------------------------------------------
+
+    def _publish_problem(self) -> str | None:
+        """Why ticks are not reaching Redis although the rest looks fine, if they are not."""
+        failing = self.publisher.failing_for()
+        if failing is not None and failing >= PUBLISH_FAILING_AFTER:
+            return f"publishing failing for {failing:.1f} s ({self.publisher.last_error})"
+        if self.lease.held and not self.lease.valid():
+            return "namespace lease not confirmed: publishing is held (see bridge/lease.py)"
+        return None
 
     def _reconciled(self) -> bool:
         """Whether the current connection's subscriptions were checked against Redis."""

@@ -58,6 +58,9 @@ class StatusCounters:
     frames_total: int = 0
     reconnects_total: int = 0
     subscriptions: int = 0
+    #: Since when every publish has failed (``None`` while publishing works): an addition to
+    #: CONTRACT §2, so ``bridge health`` sees ticks that stopped reaching Redis.
+    publish_failing_since: datetime | None = None
 
 
 class StatusReporter:
@@ -110,6 +113,7 @@ class StatusReporter:
             "frames_total": counters.frames_total,
             "reconnects_total": counters.reconnects_total,
             "subscriptions": counters.subscriptions,
+            "publish_failing_since": iso(counters.publish_failing_since),
             "version": self._version,
             "pid": self._pid,
             "updated_at": iso(self._now()),

@@ -22,6 +22,8 @@ sure it still holds its namespace (bridge/lease.py).
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
@@ -146,11 +148,14 @@ class UnrepliedTransport:
     What replies would have told, checked another way:
 
     * ``PUBLISH`` fails only for a malformed command (ours, tested) or an ACL that denies the
-      channel. The first batch on every new connection is therefore sent *with* replies and
-      every reply checked, so a denied channel raises ``NoPermissionError`` (retried and
-      reported by the publisher's outage loop) instead of vanishing. An ACL that allows some
-      tick channels and denies others would not be seen after that first batch.
-    * How many messages reached no subscriber is counted only for that first batch.
+      channel. The first batch on every new connection, and then one batch every
+      ``verify_every`` seconds (5), is therefore sent *with* replies and every reply checked,
+      so a denied channel raises ``NoPermissionError`` (retried, counted and reported by the
+      publisher, and ``/readyz`` turns 503) within seconds instead of vanishing for good: a
+      first batch may hold only events on channels the ACL allows. An ACL that allows some
+      tick channels and denies others is seen only when a checked batch holds one of those.
+      Reading the replies of one batch in 5 s costs a few milliseconds.
+    * How many messages reached no subscriber is counted only for the checked batches.
 
     The connection is this transport's own (taken from the pool and never returned), because
     a batch cut short mid-way (timeout, cancellation) can leave it with replies off; every such
@@ -160,10 +165,19 @@ class UnrepliedTransport:
     :class:`LuaTransport` for good.
     """
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        verify_every: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._redis = redis
         self._connection: AbstractConnection | None = None
         self._checked = False  # the current connection accepted CLIENT REPLY and a batch
+        self._verify_every = verify_every
+        self._clock = clock
+        self._verified_at = -math.inf  # when a batch was last sent with its replies checked
         self._heads: dict[bytes, bytes] = {}
         self._fallback: LuaTransport | None = None
 
@@ -175,8 +189,9 @@ class UnrepliedTransport:
             pool = self._redis.connection_pool
             connection = self._connection = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            if not self._checked or not connection.is_connected:
-                return await self._first_batch(connection, flat)
+            due = self._clock() - self._verified_at >= self._verify_every
+            if due or not self._checked or not connection.is_connected:
+                return await self._replied_batch(connection, flat)
             await connection.send_packed_command(self._encode(flat, unreplied=True), False)
             reply = await connection.read_response()
             if reply != b"OK":
@@ -202,8 +217,9 @@ class UnrepliedTransport:
             await self._redis.connection_pool.release(self._connection)
             self._connection = None
 
-    async def _first_batch(self, connection: AbstractConnection, flat: list[bytes]) -> int:
-        """Probe ``CLIENT REPLY`` on a fresh connection, then send ``flat`` reading every reply."""
+    async def _replied_batch(self, connection: AbstractConnection, flat: list[bytes]) -> int:
+        """Make sure replies are on (probing ``CLIENT REPLY`` on a fresh connection), then send
+        ``flat`` reading every reply."""
         self._checked = False
         if not connection.is_connected:
             await connection.connect()  # type: ignore[no-untyped-call]
@@ -218,6 +234,7 @@ class UnrepliedTransport:
             if await connection.read_response() == 0:
                 unheard += 1
         self._checked = True
+        self._verified_at = self._clock()
         return unheard
 
     def _encode(self, flat: list[bytes], *, unreplied: bool) -> list[bytes]:

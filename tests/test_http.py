@@ -63,6 +63,7 @@ class World:
     redis_age: float | None = 0.5
     redis_error: str | None = None
     standby: str | None = None
+    publishing: str | None = None
 
     def readiness(self) -> Readiness:
         return Readiness(
@@ -73,6 +74,7 @@ class World:
             redis_write_age=lambda: self.redis_age,
             redis_error=lambda: self.redis_error,
             standby=lambda: self.standby,
+            publishing=lambda: self.publishing,
             max_frame_age=5.0,
             max_redis_age=3.0,
         )
@@ -108,6 +110,10 @@ def test_ready_when_everything_holds() -> None:
             "(OutOfMemoryError: command not allowed)",
         ),
         ({"redis_error": "ReadOnlyError: a late error"}, None),  # recent write: still ready
+        (
+            {"publishing": "publishing failing for 3.0 s (NoPermissionError: denied)"},
+            "publishing failing for 3.0 s (NoPermissionError: denied)",
+        ),
     ],
 )
 def test_each_failed_condition_is_a_reason(change: dict[str, Any], reason: str | None) -> None:

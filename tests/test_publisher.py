@@ -201,14 +201,25 @@ async def test_outage_keeps_pending_logs_once_and_recovers(
     publisher.publish_event(b"e1")
     publisher.submit([ltp(1, 1.0)])
     server.connected = False
+    assert publisher.failing_for() is None
     with capture_logs() as logs:
         for _ in range(3):
             assert not await publisher.send_once()
         publisher.submit([ltp(2, 2.0)])
         assert publisher.pending == 3  # nothing lost, order kept
         assert publisher.stats.errors == 3
+        # Failing since the first failure, and why: what /readyz and the status show.
+        failing = publisher.failing_for()
+        assert failing is not None
+        assert failing > 0
+        since, error = publisher.failing_since_at, publisher.last_error
+        assert since is not None
+        assert error is not None
+        assert error.startswith("ConnectionError")
         server.connected = True
         assert await publisher.send_once()
+    assert publisher.failing_for() is None
+    assert (publisher.failing_since_at, publisher.last_error) == (None, None)
     names = [entry["event"] for entry in logs]
     assert names.count("redis_unavailable") == 1
     assert names.count("redis_recovered") == 1

@@ -10,6 +10,7 @@ import asyncio
 import functools
 import signal
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -26,6 +27,7 @@ from helpers import (
     BridgeProcess,
     Launch,
     MakeRedis,
+    bridge_env,
     command,
     free_port,
     wait_until,
@@ -426,6 +428,57 @@ async def test_a_second_signal_forces_exit(
     assert code == 128 + signal.SIGINT
     assert took < 0.5
     assert '"forced exit"' in bridge.log.read_text()
+
+
+async def test_ticks_refused_by_an_acl_make_the_bridge_unready_and_unhealthy(
+    start_bridge: StartBridge, sim: Simulator, namespace: str, private_redis: MakeRedis
+) -> None:
+    """An ACL that lets the bridge write its keys and publish events but not the tick channels:
+    every tick is refused while the status stays fresh and "connected". /readyz and the
+    HEALTHCHECK must say so, and recover when the ACL is fixed."""
+    server = await private_redis()
+    admin = Redis.from_url(server.url)
+    rules = ["on", ">pw", f"~{namespace}:*", "+@all", "resetchannels"]
+    await admin.execute_command(  # type: ignore[no-untyped-call]
+        "ACL", "SETUSER", "bridge", *rules, f"&{namespace}:events", f"&{namespace}:orders"
+    )
+    url = server.url.replace("redis://", "redis://bridge:pw@")
+    bridge = await start_bridge(
+        REDIS_URL=url, BRIDGE_HTTP_PORT=str(free_port()), BRIDGE_SUBSCRIBE=f"full:{INFY}"
+    )
+    try:
+
+        async def unready_for_publishing() -> bool:
+            try:
+                code, body = await bridge.readiness()
+            except OSError:  # not listening yet
+                return False
+            return code == 503 and any("publishing failing" in r for r in body["reasons"])
+
+        await wait_until(unready_for_publishing, within=20)
+        _, body = await bridge.readiness()
+        assert body["state"] == "connected"  # all else looks fine
+        assert any("NoPermissionError" in reason for reason in body["reasons"])
+        await asyncio.sleep(1.5)
+        health = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "health", "--max-age", "1",
+            env=bridge_env(REDIS_URL=url, BRIDGE_NAMESPACE=namespace),
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, stderr = await health.communicate()
+        assert health.returncode == 1
+        assert b"publishing has failed" in stderr
+        # The ACL fixed: publishing resumes by itself and the bridge is ready again.
+        await admin.execute_command(  # type: ignore[no-untyped-call]
+            "ACL", "SETUSER", "bridge", "allchannels"
+        )
+
+        await wait_until(bridge.ready, within=20)
+        assert bridge.alive()
+    finally:
+        await admin.aclose()
+    code, _ = await bridge.stop()
+    assert code == 0
 
 
 async def test_redis_restart_mid_stream_recovers(

@@ -67,6 +67,7 @@ async def test_every_field_is_written_with_iso_times(redis: Redis) -> None:
         "frames_total": "5",
         "reconnects_total": "2",
         "subscriptions": "3",
+        "publish_failing_since": "",
         "version": __version__,
         "pid": "4242",
         "updated_at": "2026-01-02T03:04:08+00:00",
@@ -129,6 +130,7 @@ def test_states_are_the_contract_ones() -> None:
 
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
+NOW_TEXT = NOW.isoformat().encode()
 
 
 @pytest.mark.parametrize(
@@ -141,6 +143,34 @@ NOW = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
         ({b"state": b"stopped", b"updated_at": b"2026-05-01T12:00:00+00:00"}, False, "stopped"),
         ({b"state": b"auth_failed", b"updated_at": b"2026-05-01T12:00:00+00:00"}, False, "auth"),
         ({b"state": b"connected", b"updated_at": b"soon"}, False, "updated_at"),
+        (  # publishing works
+            {b"state": b"connected", b"updated_at": NOW_TEXT, b"publish_failing_since": b""},
+            True,
+            "connected",
+        ),
+        (  # a blip: failing for 5 s, under max_age
+            {
+                b"state": b"connected",
+                b"updated_at": NOW_TEXT,
+                b"publish_failing_since": b"2026-05-01T11:59:55+00:00",
+            },
+            True,
+            "connected",
+        ),
+        (  # every publish refused for 30 s (an ACL, the lease unconfirmed): ticks go nowhere
+            {
+                b"state": b"connected",
+                b"updated_at": NOW_TEXT,
+                b"publish_failing_since": b"2026-05-01T17:29:30+05:30",
+            },
+            False,
+            "publishing has failed for 30.0 s",
+        ),
+        (
+            {b"state": b"connected", b"updated_at": NOW_TEXT, b"publish_failing_since": b"x"},
+            False,
+            "publish_failing_since",
+        ),
     ],
 )
 def test_health_check_judgement(

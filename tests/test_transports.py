@@ -181,6 +181,36 @@ async def test_a_denied_tick_channel_raises_instead_of_vanishing(
 
 
 @pytest.mark.redis
+async def test_a_tick_channel_denied_after_an_allowed_first_batch_is_found_within_seconds(
+    redis_url: str, namespace: str, admin: Redis, acl_user: tuple[str, str]
+) -> None:
+    """The first batch on a connection often holds only the ``connected`` event: an ACL that
+    allows ``<ns>:events`` but not the tick channels passed that check, and every later batch,
+    sent with replies off, was refused in silence. One batch every ``verify_every`` is checked."""
+    name, password = acl_user
+    await admin.acl_setuser(
+        name,
+        enabled=True,
+        passwords=[f"+{password}"],
+        keys=["*"],
+        reset_channels=True,
+        channels=[f"{namespace}:events"],
+        commands=["+@all"],
+    )
+    client = Redis.from_url(redis_url, username=name, password=password)
+    now = [100.0]
+    transport = UnrepliedTransport(client, verify_every=5.0, clock=lambda: now[0])
+    event = [f"{namespace}:events".encode(), b'{"event":"connected"}']
+    assert await transport(event) == 1  # checked, allowed (nobody listens)
+    now[0] += 4.9
+    assert await transport(batch(namespace, 0, 2)) == 0  # unchecked: refused unseen
+    now[0] += 0.1
+    with pytest.raises(NoPermissionError):
+        await transport(batch(namespace, 2, 2))
+    await client.aclose()
+
+
+@pytest.mark.redis
 @pytest.mark.parametrize("kind", [LuaTransport, PipelineTransport, UnrepliedTransport])
 async def test_every_transport_publishes_the_same(
     redis_url: str, namespace: str, listener: PubSub, kind: type[UnrepliedTransport]
