@@ -1,11 +1,13 @@
-"""Does the Redis server keep what the bridge stores there across its own restart?
+"""Does the Redis server keep what the bridge stores there: across its restart, and under memory
+pressure?
 
 The desired subscriptions (``<ns>:subscriptions``) and the queued commands live in Redis; pub/sub
 itself needs no persistence. A Redis that keeps nothing (``--save "" --appendonly no``) loses
 them whenever it restarts while no bridge runs to write the set back: a host reboot, a
 ``docker compose down`` / ``up``. The bridge then starts with no subscriptions and strategies
-get no data, silently. The bridge cannot prevent that, but it can say so at start-up and in
-``bridge check-config --connect``.
+get no data, silently. A ``maxmemory`` policy that may evict any key (``allkeys-*``) can drop
+them at any time, and queued commands with them. The bridge cannot prevent either, but it can
+say so at start-up and in ``bridge check-config --connect``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-__all__ = ["Persistence", "judge", "probe"]
+__all__ = ["Persistence", "judge", "judge_eviction", "probe", "probe_eviction"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,3 +64,34 @@ async def probe(redis: Redis) -> Persistence:
     except ResponseError:
         save = None
     return judge(aof, save)
+
+
+def judge_eviction(policy: str | None, maxmemory: int | None) -> Persistence:
+    """Pure verdict from ``CONFIG GET maxmemory-policy`` and ``maxmemory``: ``durable`` is
+    whether the bridge's keys (none of which expires, but replies) are safe from eviction."""
+    if policy is None:
+        return Persistence(None, "unknown: the server did not report its maxmemory policy")
+    if not policy.startswith("allkeys-"):
+        return Persistence(True, f"maxmemory-policy {policy}: the bridge's keys are never evicted")
+    limit = "no maxmemory set yet" if not maxmemory else f"maxmemory {maxmemory} bytes"
+    return Persistence(
+        False,
+        f"maxmemory-policy {policy} ({limit}): under memory pressure Redis may evict the"
+        " desired subscriptions and queued commands; use noeviction or a volatile-* policy"
+        " (the bridge writes an evicted subscription set back, but not lost commands)",
+    )
+
+
+async def probe_eviction(redis: Redis) -> Persistence:
+    """Ask the server for its eviction policy; a refused ``CONFIG`` leaves the verdict open."""
+    try:
+        config = await redis.config_get("maxmemory*")
+    except ResponseError:
+        return judge_eviction(None, None)
+    policy, maxmemory = config.get("maxmemory-policy"), config.get("maxmemory")
+    text = policy.decode() if isinstance(policy, bytes) else policy
+    try:
+        limit = None if maxmemory is None else int(maxmemory)
+    except ValueError:
+        limit = None
+    return judge_eviction(None if text is None else str(text), limit)

@@ -58,7 +58,7 @@ def _error(exc: BaseException) -> str:
 
 async def check_redis(settings: Settings, within: float = CHECK_TIMEOUT) -> list[Check]:
     """Reach Redis, refuse a read-only replica, read who holds the namespace and whether the
-    server keeps the stored subscriptions across its restart."""
+    server keeps the stored subscriptions across its restart and under memory pressure."""
     ns = settings.namespace
     where = settings.redis_url_redacted
     client = create_redis(
@@ -81,6 +81,7 @@ async def check_redis(settings: Settings, within: float = CHECK_TIMEOUT) -> list
             holder = await client.get(f"{ns}:lock")
             stored = await client.hlen(f"{ns}:subscriptions")
             kept = await persistence.probe(client)
+            evict = await persistence.probe_eviction(client)
     except (RedisError, OSError, TimeoutError) as exc:
         return [Check("redis", False, f"{where}: {_error(exc)}")]
     finally:
@@ -96,6 +97,7 @@ async def check_redis(settings: Settings, within: float = CHECK_TIMEOUT) -> list
             "a second one would wait as its standby",
         ),
         Check("persistence", True, kept.detail, warning=kept.durable is False),
+        Check("eviction", True, evict.detail, warning=evict.durable is False),
     ]
 
 

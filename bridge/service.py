@@ -415,6 +415,11 @@ class Bridge:
             _log.warning("redis_not_persistent", detail=kept.detail)
         else:
             _log.info("redis_persistence", detail=kept.detail)
+        evict = await self._with_redis(
+            "probe_eviction", lambda: persistence.probe_eviction(self.redis)
+        )
+        if evict.durable is False:
+            _log.warning("redis_may_evict", detail=evict.detail)
 
     async def _guard_subscriptions(self, interval: float = 1.0, follow_every: int = 5) -> None:
         """Keep the feed on the desired set in Redis when something bypasses the commands.

@@ -12,8 +12,10 @@ removed ones, at the next command or reconnect. The store therefore remembers th
 read or wrote together with the server's ``run_id``; when the server's identity changed and the
 hash differs from that set, it writes the remembered set back (``subscriptions_restored``):
 nothing the bridge acknowledged can be newer. On the same server, whatever the hash holds is the
-desired set: an operator's ``unsubscribe all``, ``DEL`` or hand edit is followed. A fresh bridge
-process has nothing to remember and takes the hash as it is.
+desired set: an operator's ``unsubscribe all``, ``DEL`` or hand edit is followed, with one more
+exception: a hash that vanished while the server's ``evicted_keys`` grew was most likely evicted
+(a ``maxmemory`` policy of ``allkeys-*``) and is written back too. A fresh bridge process has
+nothing to remember and takes the hash as it is.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class SubscriptionStore:
         self._known: dict[int, Mode] = {}
         self._server_id: str | None = None
         self._server_id_supported = True
+        #: The server's ``evicted_keys`` when the set was last read (None: unknown).
+        self._evicted: int | None = None
         #: How many times a restarted Redis server's lost or older set was written back.
         self.restored = 0
         #: Held while a write of the set is in flight until :meth:`remember` (and by readers
@@ -91,17 +95,27 @@ class SubscriptionStore:
     async def load(self) -> dict[int, Mode]:
         """The desired set; rewritten from memory if a restarted Redis server lost or aged it."""
         server_id = await self._current_server_id()
+        evicted = await self._evicted_keys()
         raw = await self._redis.hgetall(self.key)
         desired = decode_subscriptions(raw, self.key)
         restarted = server_id is not None and self._server_id not in (None, server_id)
-        if restarted and self._known and desired != self._known:
+        # Only on the same server: a restart resets the counter.
+        was_evicted = (
+            not raw
+            and not restarted
+            and None not in (evicted, self._evicted)
+            and evicted != self._evicted
+        )
+        if (restarted or was_evicted) and self._known and desired != self._known:
+            if was_evicted:
+                reason = "Redis evicted the set (maxmemory policy): evicted_keys grew meanwhile"
+            elif not raw:
+                reason = "the Redis server restarted and lost the set"
+            else:
+                reason = "the Redis server restarted with an older set (a snapshot, a replica)"
             _log.warning(
                 "subscriptions_restored",
-                reason=(
-                    "the Redis server restarted and lost the set"
-                    if not raw
-                    else "the Redis server restarted with an older set (a snapshot, a replica)"
-                ),
+                reason=reason,
                 found=len(desired),
                 subscriptions=len(self._known),
             )
@@ -109,6 +123,7 @@ class SubscriptionStore:
             self.restored += 1
             desired = dict(self._known)
         self._server_id = server_id
+        self._evicted = evicted
         self._known = desired
         return desired
 
@@ -130,6 +145,15 @@ class SubscriptionStore:
             return None
         run_id = info.get("run_id")
         return str(run_id) if run_id else None
+
+    async def _evicted_keys(self) -> int | None:
+        if not self._server_id_supported:
+            return None
+        try:
+            count = (await self._redis.info("stats")).get("evicted_keys")
+        except ResponseError:
+            return None
+        return None if count is None else int(count)
 
     def queue_replace(self, pipe: Pipeline, desired: Mapping[int, Mode]) -> None:
         """Queue the commands that make the hash equal ``desired`` on ``pipe``.

@@ -9,7 +9,7 @@ from helpers import MakeRedis
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from bridge.persistence import judge, probe
+from bridge.persistence import judge, judge_eviction, probe, probe_eviction
 
 
 @pytest.mark.parametrize(
@@ -75,3 +75,33 @@ async def test_probe_against_real_servers(private_redis: MakeRedis) -> None:
             assert (await probe(client)).durable is durable
         finally:
             await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("policy", "maxmemory", "safe", "words"),
+    [
+        ("noeviction", 0, True, "never evicted"),
+        ("volatile-lru", 1 << 30, True, "never evicted"),
+        ("allkeys-lru", 1 << 20, False, "allkeys-lru (maxmemory 1048576 bytes)"),
+        ("allkeys-random", 0, False, "no maxmemory set yet"),
+        (None, None, None, "unknown"),
+    ],
+)
+def test_judge_eviction(
+    policy: str | None, maxmemory: int | None, safe: bool | None, words: str
+) -> None:
+    verdict = judge_eviction(policy, maxmemory)
+    assert verdict.durable is safe
+    assert words in verdict.detail
+
+
+@pytest.mark.redis
+async def test_probe_eviction_against_a_real_server(private_redis: MakeRedis) -> None:
+    server = await private_redis("--maxmemory", "8mb", "--maxmemory-policy", "allkeys-lfu")
+    client = Redis.from_url(server.url)
+    try:
+        verdict = await probe_eviction(client)
+    finally:
+        await client.aclose()
+    assert verdict.durable is False
+    assert "allkeys-lfu (maxmemory 8388608 bytes)" in verdict.detail

@@ -97,6 +97,7 @@ async def test_redis_reachable_and_namespace_free(redis_url: str, namespace: str
         ("redis", True),
         ("namespace", True),
         ("persistence", True),
+        ("eviction", True),
     ]
     assert f"2 stored subscriptions in {namespace}" in checks[0].detail
     assert checks[1].detail == f"{namespace} is free"
@@ -141,18 +142,31 @@ async def test_an_acl_refusing_role_is_let_through(private_redis: MakeRedis) -> 
         ("redis", True),
         ("namespace", True),
         ("persistence", True),
+        ("eviction", True),
     ]
     assert "s3cret" not in checks[0].detail
 
 
 async def test_a_redis_that_keeps_nothing_is_a_warning(private_redis: MakeRedis) -> None:
     volatile, durable = await private_redis(), await private_redis(durable=True)
-    (*_, kept) = await check_redis(settings(redis_url=volatile.url))
+    (*_, kept, _) = await check_redis(settings(redis_url=volatile.url))
     assert (kept.check, kept.ok, kept.warning) == ("persistence", True, True)
     assert "a Redis restart while no bridge runs" in kept.detail
-    (*_, kept) = await check_redis(settings(redis_url=durable.url))
+    (*_, kept, _) = await check_redis(settings(redis_url=durable.url))
     assert (kept.check, kept.ok, kept.warning) == ("persistence", True, False)
     assert kept.detail.startswith("append-only file on")
+
+
+async def test_a_redis_that_may_evict_the_bridges_keys_is_a_warning(
+    private_redis: MakeRedis,
+) -> None:
+    lru = await private_redis("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+    (*_, evict) = await check_redis(settings(redis_url=lru.url))
+    assert (evict.check, evict.ok, evict.warning) == ("eviction", True, True)
+    assert "allkeys-lru (maxmemory 67108864 bytes)" in evict.detail
+    safe = await private_redis("--maxmemory-policy", "volatile-lru")
+    (*_, evict) = await check_redis(settings(redis_url=safe.url))
+    assert (evict.check, evict.ok, evict.warning) == ("eviction", True, False)
 
 
 async def test_unreachable_redis_fails_and_hides_the_password() -> None:
@@ -166,7 +180,7 @@ async def test_unreachable_redis_fails_and_hides_the_password() -> None:
 async def test_preflight_runs_every_check(redis_url: str, namespace: str) -> None:
     async with Simulator() as sim:
         checks = await preflight(settings(kite_ws_url=sim.url, redis_url=redis_url))
-    assert [c.check for c in checks] == ["redis", "namespace", "persistence", "kite"]
+    assert [c.check for c in checks] == ["redis", "namespace", "persistence", "eviction", "kite"]
     assert all(c.ok for c in checks), checks
 
 
@@ -199,6 +213,7 @@ async def test_cli_exit_3_and_one_line_for_an_expired_token(
         ("redis", True),
         ("namespace", True),
         ("persistence", True),
+        ("eviction", True),
         ("kite", False),
     ]
     lines = stderr.decode().splitlines()
@@ -207,6 +222,6 @@ async def test_cli_exit_3_and_one_line_for_an_expired_token(
     # A Redis that keeps nothing is said so (a warning), whatever else is wrong.
     warnings = [line for line in lines if line.startswith("bridge: warning: ")]
     assert lines == [*warnings, lines[-1]]
-    expected = ["persistence"] if shown["checks"][2]["warning"] else []
+    expected = [c["check"] for c in shown["checks"][2:4] if c["warning"]]
     assert [line.split(": ")[2] for line in warnings] == expected
     assert b"expired-token" not in stdout + stderr

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import fakeredis
 import pytest
+from helpers import MakeRedis
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
@@ -152,3 +153,53 @@ async def test_on_the_same_server_the_hash_wins_even_when_deleted(
     fresh = SubscriptionStore(redis, "s")
     await redis.hset(KEY, mapping={"5": "quote"})
     assert await fresh.load() == {5: "quote"}
+
+
+async def test_a_set_evicted_on_the_same_server_is_written_back(
+    store: SubscriptionStore, redis: Redis, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``allkeys-*`` Redis may evict the hash: not a DEL by an operator, since the server's
+    ``evicted_keys`` grew meanwhile. Following it would unsubscribe everything."""
+    evicted = [7]
+
+    async def evicted_keys() -> int:
+        return evicted[0]
+
+    monkeypatch.setattr(store, "_evicted_keys", evicted_keys)
+    await store.load()
+    await store.replace({1: "ltp", 2: "full"})
+    await redis.delete(KEY)  # evicted...
+    evicted[0] += 40  # ...with other keys
+    with capture_logs() as logs:
+        assert await store.load() == {1: "ltp", 2: "full"}
+    assert await redis.hgetall(KEY) == {b"1": b"ltp", b"2": b"full"}
+    [restored] = [entry for entry in logs if entry["event"] == "subscriptions_restored"]
+    assert restored["reason"].startswith("Redis evicted the set")
+    # Evictions elsewhere while the hash stays are nothing; a DEL with no eviction is followed.
+    evicted[0] += 5
+    assert await store.load() == {1: "ltp", 2: "full"}
+    await redis.delete(KEY)
+    assert await store.load() == {}
+    assert store.restored == 1
+
+
+@pytest.mark.redis
+async def test_a_real_eviction_is_repaired(private_redis: MakeRedis) -> None:
+    server = await private_redis("--maxmemory", "4mb", "--maxmemory-policy", "allkeys-lru")
+    client = Redis.from_url(server.url)
+    store = SubscriptionStore(client, "evict")
+    try:
+        await store.load()
+        await store.replace({256265: "full", 408065: "quote"})
+        await store.load()
+        filler = b"x" * 100_000
+        for n in range(2000):  # a cache beside the bridge fills the memory: LRU evicts the set
+            await client.set(f"cache:{n}", filler)
+            if not await client.exists(store.key):
+                break
+        assert not await client.exists(store.key), "nothing was evicted"
+        assert await store.load() == {256265: "full", 408065: "quote"}
+        assert await client.hgetall(store.key) == {b"256265": b"full", b"408065": b"quote"}
+        assert store.restored == 1
+    finally:
+        await client.aclose()
