@@ -201,6 +201,7 @@ class ControlConsumer:
         max_wait: float = 5.0,
         dead_max: int = 1000,
         reply_ttl: int = 300,
+        gate: Callable[[], bool] = lambda: True,
     ) -> None:
         self.stats = ControlStats()
         self.control_key = f"{namespace}:control"
@@ -220,6 +221,10 @@ class ControlConsumer:
         self._outage = Outage("control", _log, base_wait=base_wait, max_wait=max_wait)
         self._dead_max = dead_max
         self._reply_ttl = reply_ttl
+        #: Whether this bridge may take commands now: the namespace lease is confirmed. A holder
+        #: cut off for longer than the lease, about to find it taken and exit, must not re-queue
+        #: the command the new holder has in processing, nor take the next one.
+        self._gate = gate
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -248,6 +253,9 @@ class ControlConsumer:
         try:
             while not stop.is_set():
                 checkpoint()  # a cancel swallowed inside redis-py (bridge/cancel.py) ends us here
+                if not self._gate():
+                    await self._sleep(self._idle_sleep, stop_wait)
+                    continue
                 try:
                     # A BLMOVE whose reply was lost may still have moved a command into
                     # processing: a connection error, or a timeout that redis-py retried on a

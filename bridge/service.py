@@ -155,6 +155,7 @@ class Bridge:
             reconcile=self._reconcile,
             base_wait=redis_base_wait,
             max_wait=redis_max_wait,
+            gate=self.lease.valid,
         )
         self.status = StatusReporter(self.redis, ns, self._counters)
         # Successful status writes (every 0.5 s) prove Redis takes keyspace writes. Publishes

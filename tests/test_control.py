@@ -336,6 +336,35 @@ async def run_losing_the_first_move(
     return lost
 
 
+async def test_nothing_is_taken_or_requeued_while_the_lease_is_unconfirmed(
+    redis: Redis, feed: FeedSpy
+) -> None:
+    """A holder cut off longer than its lease may have been replaced: the new holder's command
+    in processing is not ours to re-queue, and the queue not ours to take from."""
+    confirmed = [False]
+    consumer = ControlConsumer(
+        redis,
+        NS,
+        SubscriptionStore(redis, NS),
+        default_mode="quote",
+        reconcile=feed.reconcile,
+        idle_sleep=0.001,
+        gate=lambda: confirmed[0],
+    )
+    await redis.rpush(PROCESSING, "subscribe ltp 9")  # the other holder's, in flight
+    await redis.rpush(CONTROL, "subscribe ltp 1")
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    await asyncio.sleep(0.1)
+    assert await redis.lrange(PROCESSING, 0, -1) == [b"subscribe ltp 9"]
+    assert await redis.lrange(CONTROL, 0, -1) == [b"subscribe ltp 1"]
+    confirmed[0] = True  # the lease is ours again (or the other holder has gone)
+    await wait_until(lambda: consumer.stats.applied == 2)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert await stored(redis) == {"1": "ltp", "9": "ltp"}
+
+
 async def test_a_command_moved_by_a_blmove_whose_reply_was_lost_is_not_stranded(
     redis: Redis, consumer: ControlConsumer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
