@@ -413,11 +413,15 @@ def _read_toml(path: Path, name: str = CONFIG_ENV) -> dict[str, Any]:
         raise ConfigError(f"{name}: cannot read {str(path)!r}: {_not_utf8(exc)}") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{name}: cannot read {str(path)!r}: {exc}") from None
+    by_variable = {variable: field for field, variable in ENV_NAMES.items()}
     for key in data:
         if key not in Settings.model_fields:
             hint = difflib.get_close_matches(key, Settings.model_fields, n=1)
+            field = by_variable.get(key.upper())
             why = (
-                f"did you mean {hint[0]!r}?"
+                f"TOML keys are the setting names, not the variables: {field} = ..."
+                if field is not None
+                else f"did you mean {hint[0]!r}?"
                 if hint
                 else "settings are top-level keys, not under [bridge]"
                 if key == "bridge"

@@ -464,6 +464,16 @@ def test_a_dotenv_file_that_is_not_utf8_is_a_config_error(isolated: Path) -> Non
             "bridge (config/bridge.toml): unknown setting; settings are top-level",
         ),
         ("wibble = 1\n", "wibble (config/bridge.toml): unknown setting; see docs/configuration.md"),
+        (
+            'BRIDGE_NAMESPACE = "x"\n',
+            "BRIDGE_NAMESPACE (config/bridge.toml): unknown setting; TOML keys are the setting"
+            " names, not the variables: namespace = ...",
+        ),
+        (
+            'KITE_API_KEY = "x"\n',
+            "KITE_API_KEY (config/bridge.toml): unknown setting; TOML keys are the setting"
+            " names, not the variables: kite_api_key = ...",
+        ),
         ("namespace = \n", "BRIDGE_CONFIG: cannot read 'config/bridge.toml': invalid value"),
         (
             'max_retries = "abc"\n',
