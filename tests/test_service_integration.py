@@ -337,6 +337,29 @@ async def test_a_price_beyond_int32_in_a_commodity_segment_is_published_as_sent(
     assert code == 0
 
 
+async def test_a_token_that_never_ticks_is_kept_and_the_feed_stays_up(
+    start_bridge: StartBridge, sim: Simulator, redis: Redis, namespace: str, listener: Listener
+) -> None:
+    """A typo in a token: Kite accepts it and it never ticks. The subscription stands, and the
+    heartbeats keep an otherwise silent connection from being called stale (liveness 1 s)."""
+    typo = 40_806_500
+    sim.unlisted = frozenset({typo})
+    bridge = await start_bridge(BRIDGE_HTTP_PORT=str(free_port()))
+    result = await command(redis, namespace, {"id": "t", "action": "subscribe", "tokens": [typo]})
+    assert result["ok"] is True
+    await sim.wait_for(lambda: sim.subscriptions() == {typo: "quote"}, 10)
+    await asyncio.sleep(4)  # four liveness windows without a tick
+    assert listener.ticks(typo) == []
+    assert listener.events("stale") == []
+    assert listener.events("reconnecting") == []
+    assert len(sim.connections) == 1
+    assert await bridge.ready()
+    metrics = await bridge.metrics()
+    assert metrics.get("bridge_reconnects_total", cause="stale") == 0
+    code, _ = await bridge.stop()
+    assert code == 0
+
+
 async def test_expired_token_exits_3_quickly(
     start_bridge: StartBridge, sim: Simulator, redis: Redis, namespace: str, listener: Listener
 ) -> None:

@@ -474,6 +474,30 @@ async def test_no_heartbeats_while_ticks_flow() -> None:
         assert HEARTBEAT not in messages
 
 
+@pytest.mark.parametrize("firehose", [False, True])
+async def test_an_unlisted_token_is_subscribed_but_never_ticks(firehose: bool) -> None:
+    """kite-protocol §1.4: tokens are not validated; an invalid one simply never ticks."""
+    nobody = 999_999_999
+    async with (
+        simulator(unlisted={nobody}, firehose=firehose, frames_per_second=50) as sim,
+        client(sim) as ws,
+    ):
+        await ws.send(json.dumps({"a": "mode", "v": ["full", [nobody, INFY]]}))
+        tokens: set[int] = set()
+        for _ in range(10):
+            tokens |= {tick.instrument_token for tick in await next_ticks(ws)}
+        assert tokens == {INFY}
+        assert sim.subscriptions() == {nobody: "full", INFY: "full"}
+        # Only the unlisted one left: the connection is idle, so heartbeats, as Kite sends.
+        await ws.send(json.dumps({"a": "unsubscribe", "v": [INFY]}))
+        async with asyncio.timeout(2):
+            while (message := await ws.recv()) != HEARTBEAT:
+                assert isinstance(message, bytes)  # ticks already on their way
+        for _ in range(3):
+            assert await recv(ws, within=1) == HEARTBEAT
+        assert sim.subscriptions() == {nobody: "full"}
+
+
 async def test_order_update_text_frames() -> None:
     async with simulator() as sim, client(sim) as ws:
         await sim.wait_for(lambda: bool(sim.connections))

@@ -120,6 +120,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instruments per connection, duplicates counted (default: %(default)s)",
     )
     feed.add_argument(
+        "--unlisted",
+        type=_integer,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="TOKEN",
+        help="tokens of no instrument: accepted, never ticking (Kite does not validate tokens)",
+    )
+    feed.add_argument(
         "--firehose",
         action="store_true",
         help="benchmark mode: send frames back to back instead of every tick interval",
@@ -233,6 +242,7 @@ async def _serve(args: argparse.Namespace) -> int:
             frames_per_second=args.frames_per_second,
             on_frame_sent=_frame_logger(frame_log) if frame_log else None,
             compression=args.compression,
+            unlisted=args.unlisted,
         )
         if args.reject_first:
             simulator.reject_next(args.reject_first, args.reject_status)

@@ -146,6 +146,7 @@ class Simulator:
         compression: bool = False,
         history_limit: int = 1000,
         idle_token_limit: int = 10_000,
+        unlisted: Collection[int] = (),
     ) -> None:
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
@@ -174,6 +175,9 @@ class Simulator:
         self.compression = compression
         self.history_limit = history_limit
         self.idle_token_limit = idle_token_limit
+        #: Tokens of no instrument: subscribed like any other (Kite does not validate tokens,
+        #: kite-protocol §1.4), but they never tick. A typo in an operator's command looks so.
+        self.unlisted = frozenset(unlisted)
         self.market = Market(seed)
 
         #: The newest ``history_limit`` client messages and upgrade attempts, oldest first.
@@ -534,7 +538,11 @@ class Simulator:
             now = loop.time()
             if state.subscriptions and (state.flush or now >= state.next_frame_at):
                 flushed, state.flush = state.flush, False
-                if self.firehose:
+                if not self._tickable(state):
+                    # Only instruments that never tick: the connection is idle, so the
+                    # heartbeats below go on as they would with nothing subscribed.
+                    state.next_frame_at = now + self.tick_interval
+                elif self.firehose:
                     await self._send_firehose_frame(state)
                     fps = self.frames_per_second
                     pause = 1 / fps if fps else 0.0
@@ -548,8 +556,9 @@ class Simulator:
                 else:
                     await self._send_tick_frames(state)
                     state.next_frame_at = now + self.tick_interval
-                last_sent = loop.time()
-                continue
+                if self._tickable(state):
+                    last_sent = loop.time()
+                    continue
             if now - last_sent >= self.heartbeat_interval:
                 await websocket.send(HEARTBEAT)
                 state.heartbeats_sent += 1
@@ -561,8 +570,16 @@ class Simulator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(state.wake.wait(), deadline - now)
 
+    def _tickable(self, state: ConnectionState) -> bool:
+        unlisted = self.unlisted
+        return not unlisted or any(token not in unlisted for token in state.subscriptions)
+
+    def _listed(self, state: ConnectionState) -> list[tuple[int, Mode]]:
+        unlisted = self.unlisted
+        return [item for item in state.subscriptions.items() if item[0] not in unlisted]
+
     async def _send_tick_frames(self, state: ConnectionState) -> None:
-        items = list(state.subscriptions.items())
+        items = self._listed(state)
         size = self.packets_per_frame
         for start in range(0, len(items), size):
             if state.flush:  # subscriptions changed (or a stall began): the loop starts over
@@ -573,7 +590,7 @@ class Simulator:
     async def _send_firehose_frame(self, state: ConnectionState) -> None:
         """Send the next window of the subscription list, stamped with its frame number."""
         if state.layout is None:
-            state.layout = list(state.subscriptions.items())
+            state.layout = self._listed(state)
             state.cursor = 0
         layout = state.layout
         size = min(self.packets_per_frame, len(layout))
