@@ -500,6 +500,12 @@ class BridgeCollector(Collector):
         yield _counter("bridge_publish_batches", "Successful publish round trips.", p.batches)
         yield _counter("bridge_publish_errors", "Failed publish round trips (retried).", p.errors)
         yield _counter(
+            "bridge_publish_maybe_duplicated_ticks",
+            "Ticks sent again after a failed round trip that may have reached Redis all the same:"
+            " at most this many were published twice.",
+            p.maybe_duplicated,
+        )
+        yield _counter(
             "bridge_publish_unheard",
             "Messages known to have reached no subscriber (only batches sent with replies).",
             p.unheard,

@@ -31,7 +31,7 @@ own queue of ``max_events`` (oldest dropped past that, counted in ``stats.events
 are retried until Redis takes them, so a short outage loses none.
 
 A failed round trip is retried with backoff; the whole batch may be re-sent after an
-ambiguous failure, so delivery is at-least-once.
+ambiguous failure, so delivery is at-least-once (``stats.maybe_duplicated`` bounds the repeats).
 
 An idle sender (the market is shut, or nothing subscribed) sends an empty batch every
 ``keepalive`` seconds. Redis's ``timeout`` setting and NAT or load-balancer idle timers close a
@@ -60,6 +60,7 @@ from bridge.payload import tick_json
 from bridge.redis_client import Outage
 from bridge.transports import (
     LuaTransport,
+    NotLeaseholder,
     PipelineTransport,
     Transport,
     UnrepliedTransport,
@@ -83,6 +84,9 @@ class PublisherStats:
     backpressure_stalls: int = 0  #: waits given up after ``stall_timeout`` without progress
     backpressure_lagging: int = 0  #: waits skipped or cut short: Redis slow, feed lagging
     errors: int = 0  #: failed round trips
+    #: Ticks of failed round trips that may have reached Redis all the same (a timeout, a reset
+    #: mid-batch) and are sent again: at most this many were published twice.
+    maybe_duplicated: int = 0
     keepalives: int = 0  #: empty round trips sent while idle
     batches: int = 0  #: successful round trips
     unheard: int = 0  #: messages no subscriber was listening for
@@ -304,6 +308,8 @@ class Publisher:
             self._sending_since = None
             self._in_flight = 0
             self.stats.errors += 1
+            if not isinstance(exc, NotLeaseholder):  # held back, never sent
+                self.stats.maybe_duplicated += len(ticks) // 2
             self._put_back(events, ticks)
             if self.failing_since is None:
                 self.failing_since, self.failing_since_at = time.monotonic(), time.time()

@@ -244,6 +244,7 @@ def test_counters_come_straight_from_the_stats() -> None:
     feed.stats.reconnects_by_cause = {"stale": 2, "dropped": 5, "novel": 1}
     publisher.stats.published, publisher.stats.replaced = 880, 20
     publisher.stats.errors, publisher.stats.serialize_errors = 4, 2
+    publisher.stats.maybe_duplicated = 11
     publisher.pending, feed.pending, feed.lag_seconds = 17, 9, 0.125
     publisher.stats.backpressure_lagging = 5
     control.stats.applied, control.stats.rejected = 10, 6
@@ -265,6 +266,7 @@ def test_counters_come_straight_from_the_stats() -> None:
     assert value(text, "bridge_ticks_replaced_total") == 20
     assert value(text, "bridge_ticks_dropped_total", reason="serialize_error") == 2
     assert value(text, "bridge_publish_errors_total") == 4
+    assert value(text, "bridge_publish_maybe_duplicated_ticks_total") == 11
     assert value(text, "bridge_publish_pending") == 17
     assert value(text, "bridge_feed_pending") == 9
     assert value(text, "bridge_feed_lag_seconds") == 0.125

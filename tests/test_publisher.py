@@ -19,7 +19,7 @@ from bridge.kite.records import Tick
 from bridge.payload import tick_json
 from bridge.publisher import Publisher
 from bridge.redis_client import create_redis
-from bridge.transports import PipelineTransport
+from bridge.transports import FencedTransport, PipelineTransport
 
 NS = "t"
 
@@ -208,6 +208,7 @@ async def test_outage_keeps_pending_logs_once_and_recovers(
         publisher.submit([ltp(2, 2.0)])
         assert publisher.pending == 3  # nothing lost, order kept
         assert publisher.stats.errors == 3
+        assert publisher.stats.maybe_duplicated == 3  # tick 1, in each of the three attempts
         # Failing since the first failure, and why: what /readyz and the status show.
         failing = publisher.failing_for()
         assert failing is not None
@@ -229,6 +230,20 @@ async def test_outage_keeps_pending_logs_once_and_recovers(
     assert [channel for channel, _ in got] == [f"{NS}:events", f"{NS}:ticks:1", f"{NS}:ticks:2"]
     assert publisher.stats.published == 2
     assert publisher.pending == 0
+
+
+async def test_a_batch_held_back_by_the_lease_fence_cannot_be_a_duplicate(redis: Redis) -> None:
+    confirmed = [False]
+    transport = FencedTransport(CountingTransport(redis), lambda: confirmed[0])
+    publisher = Publisher(redis, NS, transport=transport, base_wait=0.001, max_wait=0.01)
+    publisher.submit([ltp(1, 1.0), ltp(2, 2.0)])
+    assert not await publisher.send_once()
+    assert (publisher.stats.errors, publisher.stats.maybe_duplicated) == (1, 0)
+    assert publisher.last_error is not None
+    assert publisher.last_error.startswith("NotLeaseholder")
+    confirmed[0] = True
+    assert await publisher.send_once()
+    assert publisher.stats.published == 2
 
 
 async def test_failed_batch_merges_into_a_conflated_backlog_without_going_back_in_time(
