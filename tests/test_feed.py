@@ -679,6 +679,33 @@ async def test_an_order_update_behind_a_stuck_handler_is_delivered(sim: Simulato
 # Faults and reconnects
 
 
+async def test_past_kites_limit_the_same_oldest_3000_are_replayed_every_time() -> None:
+    """Kite refuses what comes last past 3000 tokens: the newest subscription. A replay grouped
+    by mode must not turn that into a different instrument going dark after each reconnect."""
+    many = [(n << 8) | 1 for n in range(1, 3000)]  # 2999 NSE tokens in full
+    newest_ltp, newest_quote = (5000 << 8) | 1, (5001 << 8) | 1
+    async with Simulator(access_tokens={TOKEN}, tick_interval=60, heartbeat_interval=0.1) as sim:
+        rec = Recorder()
+        cap = LogCapture()
+        feed = make_feed(sim.url, rec, logger=structlog.wrap_logger(None, processors=[cap]))
+        async with running(feed):
+            await feed.subscribe_symbols(many, "full")
+            await feed.subscribe_symbols([newest_ltp], "ltp")
+            await feed.subscribe_symbols([newest_quote], "quote")  # the 3001st: refused
+            await sim.wait_for(lambda: len(sim.subscriptions()) == 3000)
+            before = sim.subscriptions()
+            assert newest_quote not in before
+            await sim.drop()
+            await wait_for(lambda: rec.count("connect") == 2)
+            await sim.wait_for(lambda: len(sim.subscriptions()) == 3000)
+            assert sim.subscriptions() == before  # the same 3000, in the same modes
+            warnings = [e for e in cap.entries if e.get("left_out") is not None]
+            assert warnings  # at every replay that had to leave some out
+            assert {(w["left_out"], tuple(w["newest_left_out"])) for w in warnings} == {
+                (1, (newest_quote,))
+            }
+
+
 async def test_abrupt_drop_reconnects_and_restores_subscriptions(sim: Simulator) -> None:
     rec = Recorder()
     feed = make_feed(sim.url, rec)

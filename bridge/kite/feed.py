@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 import math
 import re
@@ -947,8 +948,21 @@ class KiteFeed:
         """Send the replay set grouped by mode; False if the socket died meanwhile."""
         async with self._lock:
             groups: dict[Mode, list[int]] = {}
-            for token, mode in self._subs.items():
+            # Past Kite's limit the server refuses what comes last. Before the reconnect that
+            # was the newest subscriptions; replayed grouped by mode it would be whichever mode
+            # comes last, so a different instrument would go dark at every reconnect. The
+            # oldest _MAX_TOKENS are replayed, the rest left out, and the same ones each time.
+            for token, mode in itertools.islice(self._subs.items(), _MAX_TOKENS):
                 groups.setdefault(mode, []).append(token)
+            if len(self._subs) > _MAX_TOKENS:
+                left_out = list(itertools.islice(self._subs, _MAX_TOKENS, None))
+                self._log.warning(
+                    "too_many_tokens",
+                    tokens=len(self._subs),
+                    limit=_MAX_TOKENS,
+                    left_out=len(left_out),
+                    newest_left_out=left_out[-5:],
+                )
             try:
                 for message in self._subscribe_messages(groups):
                     await ws.send(message)
