@@ -158,10 +158,10 @@ async def test_a_server_refusing_client_reply_gets_lua(
     await client.aclose()
 
 
-@pytest.mark.redis
-async def test_a_denied_tick_channel_raises_instead_of_vanishing(
-    redis_url: str, namespace: str, admin: Redis, acl_user: tuple[str, str]
-) -> None:
+async def channel_restricted(
+    redis_url: str, admin: Redis, acl_user: tuple[str, str], channels: list[str]
+) -> Redis:
+    """A client of ``acl_user`` allowed everything but channels other than ``channels``."""
     name, password = acl_user
     await admin.acl_setuser(
         name,
@@ -169,10 +169,17 @@ async def test_a_denied_tick_channel_raises_instead_of_vanishing(
         passwords=[f"+{password}"],
         keys=["*"],
         reset_channels=True,
-        channels=["other:*"],
+        channels=channels,
         commands=["+@all"],
     )
-    client = Redis.from_url(redis_url, username=name, password=password)
+    return Redis.from_url(redis_url, username=name, password=password)
+
+
+@pytest.mark.redis
+async def test_a_denied_tick_channel_raises_instead_of_vanishing(
+    redis_url: str, namespace: str, admin: Redis, acl_user: tuple[str, str]
+) -> None:
+    client = await channel_restricted(redis_url, admin, acl_user, ["other:*"])
     transport = UnrepliedTransport(client)
     for _ in range(2):  # and again on the retry: never switched to replies-off unchecked
         with pytest.raises(NoPermissionError):
@@ -187,17 +194,7 @@ async def test_a_tick_channel_denied_after_an_allowed_first_batch_is_found_withi
     """The first batch on a connection often holds only the ``connected`` event: an ACL that
     allows ``<ns>:events`` but not the tick channels passed that check, and every later batch,
     sent with replies off, was refused in silence. One batch every ``verify_every`` is checked."""
-    name, password = acl_user
-    await admin.acl_setuser(
-        name,
-        enabled=True,
-        passwords=[f"+{password}"],
-        keys=["*"],
-        reset_channels=True,
-        channels=[f"{namespace}:events"],
-        commands=["+@all"],
-    )
-    client = Redis.from_url(redis_url, username=name, password=password)
+    client = await channel_restricted(redis_url, admin, acl_user, [f"{namespace}:events"])
     now = [100.0]
     transport = UnrepliedTransport(client, verify_every=5.0, clock=lambda: now[0])
     event = [f"{namespace}:events".encode(), b'{"event":"connected"}']
