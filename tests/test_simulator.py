@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 
-from bridge.kite.codec import decode_frame, encode_packet
+from bridge.kite.codec import decode_frame, encode_packet, encode_raw_frame
 from bridge.kite.records import (
+    DepthLevel,
     FullTick,
     IndexFullTick,
     IndexQuoteTick,
@@ -770,7 +771,7 @@ def check_invariants(market: Market, token: int) -> None:
     inst = market.instrument(token)
     tick = inst.tick
     prices = [inst.ltp, inst.open, inst.high, inst.low, inst.close]
-    prices += [p for _, p, _ in inst.bids + inst.asks]
+    prices += [p for q, p, _ in inst.bids + inst.asks if q]  # empty levels are all zero
     assert all(p % tick == 0 and 0 < p < 2**31 for p in prices)
     assert inst.high >= max(inst.open, inst.ltp)
     assert inst.low <= min(inst.open, inst.ltp)
@@ -784,8 +785,13 @@ def check_invariants(market: Market, token: int) -> None:
         assert inst.volume == 0
         return
     assert isinstance(full, FullTick)
-    bids, asks = full.depth.buy, full.depth.sell
-    assert len(bids) == len(asks) == 5
+    assert len(full.depth.buy) == len(full.depth.sell) == 5
+    # The quoted levels first, then empty ones (all zero) in a thin book.
+    quoted = inst.levels
+    assert 1 <= quoted <= 5
+    empty = DepthLevel(0, 0.0, 0)
+    assert full.depth.buy[quoted:] == full.depth.sell[quoted:] == [empty] * (5 - quoted)
+    bids, asks = full.depth.buy[:quoted], full.depth.sell[:quoted]
     assert all(a.price > b.price for a, b in itertools.pairwise(bids))
     assert all(a.price < b.price for a, b in itertools.pairwise(asks))
     assert bids[0].price <= full.last_price <= asks[0].price
@@ -801,6 +807,22 @@ def check_invariants(market: Market, token: int) -> None:
         assert full.oi > 0
     else:
         assert full.oi == full.oi_day_high == full.oi_day_low == 0
+
+
+def test_one_derivative_in_five_has_a_thin_book() -> None:
+    market = Market(seed=3)
+    now = 1_718_176_569.0
+    options = [(n << 8) | 2 for n in range(10_000, 10_500)]  # NFO
+    levels = [market.instrument(token, now).levels for token in options]
+    thin = [n for n in levels if n < 5]
+    assert 0.1 < len(thin) / len(options) < 0.3
+    assert set(thin) == {1, 2, 3, 4}
+    for token in options[:50]:
+        check_invariants(market, token)
+        packet = encode_packet(market.tick(token, "full"))  # empty levels on the wire too
+        assert decode_frame(encode_raw_frame([packet])) == [market.tick(token, "full")]
+    # Equities and indices keep full books.
+    assert {market.instrument(t, now).levels for t in (INFY, RELIANCE, NIFTY)} == {5}
 
 
 def test_market_invariants_hold_over_many_steps() -> None:

@@ -129,6 +129,8 @@ class Instrument:
     oi_low: int
     last_trade_time: int
     exchange_timestamp: int
+    #: Levels quoted on each side; the rest of the five are empty, ``(0, 0, 0)`` on the wire.
+    levels: int = 5
     #: (quantity, raw price, orders), best first.
     bids: list[tuple[int, int, int]] = field(default_factory=list)
     asks: list[tuple[int, int, int]] = field(default_factory=list)
@@ -280,6 +282,7 @@ class Market:
             oi_low=oi,
             last_trade_time=stamp,
             exchange_timestamp=stamp,
+            levels=_quoted_levels(token) if derivative else _DEPTH_LEVELS,
         )
         if not is_index(token):
             _book(inst, rng)
@@ -302,6 +305,13 @@ class Market:
         _book(inst, rng)
 
 
+def _quoted_levels(token: int) -> int:
+    """Depth levels quoted for a derivative: five for most, one to four for one in five (a far
+    strike). From the token alone, so the seeded random walk is the same either way."""
+    mixed = (token * 0x9E37_79B1) & 0xFFFF_FFFF
+    return _DEPTH_LEVELS if mixed % 5 else 1 + (mixed >> 8) % (_DEPTH_LEVELS - 1)
+
+
 def _floor(inst: Instrument) -> int:
     """Lowest allowed price: the lower band, and high enough that five bid levels stay > 0."""
     return max(int(inst.close * (1 - _BAND)) // inst.tick * inst.tick, 20 * inst.tick)
@@ -312,7 +322,9 @@ def _ceiling(inst: Instrument) -> int:
 
 
 def _book(inst: Instrument, rng: random.Random) -> None:
-    """Five strictly descending bids at or below the LTP, five ascending asks at or above it.
+    """Strictly descending bids at or below the LTP, ascending asks at or above it: five of each,
+    or ``inst.levels`` and then empty ones (thin books, as real captures show, kite-protocol
+    §3.7).
 
     One ``getrandbits`` call feeds the whole book (12 bits per level): this runs on every walk
     step of every subscribed token, and per-value RNG calls made it the simulator's hot spot.
@@ -336,6 +348,10 @@ def _book(inst: Instrument, rng: random.Random) -> None:
         asks.append((quantity, ask, 1 + ((bits >> 6) & 31) % min(quantity, 30)))
         ask += tick * (1 + ((bits >> 11) & 1))
         bits >>= 12
+    empty = _DEPTH_LEVELS - inst.levels
+    if empty:  # drawn all the same, so a seeded walk does not depend on the book's depth
+        bids[inst.levels :] = [(0, 0, 0)] * empty
+        asks[inst.levels :] = [(0, 0, 0)] * empty
     inst.bids = bids
     inst.asks = asks
 
