@@ -33,6 +33,7 @@ from bridge.kite import (
     frame_payloads,
 )
 from bridge.kite import feed as feed_module
+from bridge.kite.codec import encode_frame
 from bridge.kite.feed import _Event, _Inbox
 from bridge.kite.records import FullTick, IndexFullTick, LtpTick, QuoteTick
 from bridge.simulator.server import Simulator
@@ -887,10 +888,30 @@ async def test_a_connection_that_delivered_ticks_resets_the_backoff(sim: Simulat
         for drops in range(1, 5):
             ticks = len(rec.ticks)
             await wait_for(lambda: feed.connected and len(rec.ticks) > ticks)  # noqa: B023
+            await asyncio.sleep(1.0)  # ticks flowing for a second: a healthy connection
             await sim.drop()
             await wait_for(lambda: rec.count("reconnect") >= drops)  # noqa: B023
     assert [attempt for attempt, _ in rec.of("reconnect")] == [1, 1, 1, 1]
     assert all(wait < 0.02 for _, wait in rec.of("reconnect"))
+
+
+async def test_a_server_closing_after_an_empty_frame_or_a_single_tick_still_backs_off() -> None:
+    """Neither an empty binary frame nor one tick and a close at once is a healthy connection:
+    the backoff grows and the retries run out, as with an accept-then-close server."""
+    one_tick = encode_frame([LtpTick(True, "ltp", 408065, 1550.0)])
+    for first in (b"\x00\x00", one_tick):
+
+        async def handler(ws: ServerConnection, first: bytes = first) -> None:
+            await ws.send(first)
+            await ws.close(1011, "internal error")
+
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            rec = Recorder()
+            feed = make_feed(f"ws://127.0.0.1:{port}", rec, max_retries=3, base_wait=0.002)
+            with pytest.raises(RetriesExhausted):
+                await asyncio.wait_for(feed.connect(), 10)
+        assert [attempt for attempt, _ in rec.of("reconnect")] == [1, 2, 3]
 
 
 async def test_slow_failed_handshakes_do_not_reset_the_backoff() -> None:

@@ -90,6 +90,10 @@ _MODES: Final[tuple[Mode, ...]] = get_args(Mode)
 _UINT32_MAX: Final = 0xFFFF_FFFF
 #: Kite's documented per-connection limit (kite-protocol.md §1.4); above it we only warn.
 _MAX_TOKENS: Final = 3000
+#: Packet count, one length prefix and the smallest packet (LTP, 8 bytes).
+_SMALLEST_TICK_FRAME: Final = 2 + 2 + 8
+#: Seconds a connection that delivered ticks must have stayed open to reset the retry counter.
+_SERVED_FOR: Final = 1.0
 #: Longest the dispatcher works through a backlog before it yields to the event loop.
 _SLICE: Final = 0.005
 
@@ -363,12 +367,13 @@ class _Dropped(Exception):
 def _connection_uptime(exc: Exception, elapsed: float) -> float:
     # Only an open connection counts as health: a handshake that hangs for connect_timeout is a
     # failure however long it took, or a black-holed gateway would be retried forever. And a
-    # connection that delivered ticks was healthy however short: on a link that drops every few
+    # connection that delivered ticks for a second was healthy: on a link that drops every few
     # seconds the next attempt waits base_wait, not a backoff grown to a minute per drop. A
-    # server that accepts and closes before any tick still meets a growing backoff.
+    # server that accepts and closes before any tick, or right after the first, still meets a
+    # growing backoff and, in the end, RetriesExhausted.
     if not isinstance(exc, _Dropped):
         return 0.0
-    return math.inf if exc.served else exc.uptime
+    return math.inf if exc.served and exc.uptime >= _SERVED_FOR else exc.uptime
 
 
 def _retryable(exc: Exception) -> bool:
@@ -553,6 +558,8 @@ class KiteFeed:
         self.on_message = on_message
 
         self.stats = FeedStats()
+        #: Binary frames that can hold ticks, read so far: see :func:`_connection_uptime`.
+        self._tick_frames = 0
         self.connected = False
         self._log = _make_logger(logger)
         self._subs: dict[int, Mode] = {}
@@ -896,7 +903,7 @@ class KiteFeed:
         if ws is None:
             return
         opened = time.monotonic()
-        data_frames = self._data_frames()
+        tick_frames = self._tick_frames
         announced = False
         try:
             self.stats.connections += 1
@@ -915,12 +922,7 @@ class KiteFeed:
             self._inbox.put_nowait(_Event("on_disconnect", (cause, code, reason)))
         if cause == "client" or self._closing.is_set():
             return
-        raise _Dropped(cause, code, reason, uptime, served=self._data_frames() > data_frames)
-
-    def _data_frames(self) -> int:
-        """Binary frames other than heartbeats received so far: ticks (or malformed ticks)."""
-        stats = self.stats
-        return stats.frames - stats.heartbeats - stats.text_messages
+        raise _Dropped(cause, code, reason, uptime, served=self._tick_frames > tick_frames)
 
     async def _open(self, options: Mapping[str, Any]) -> ClientConnection | None:
         """Handshake, abandoned if ``close()`` comes first."""
@@ -1046,6 +1048,10 @@ class KiteFeed:
                 if len(message) < 2:  # 1-byte heartbeat: liveness only
                     stats.heartbeats += 1
                     continue
+                if len(message) >= _SMALLEST_TICK_FRAME and (message[0] or message[1]):
+                    # Room for a packet and a packet count: market data, what resets the retry
+                    # counter (an empty or cut-off frame from a failing server does not).
+                    self._tick_frames += 1
             else:
                 stats.text_messages += 1
             if len(items) < limit and inbox.size < max_bytes:
