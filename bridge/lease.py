@@ -36,6 +36,7 @@ operator which process holds the namespace.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 import time
@@ -79,6 +80,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+#: The error Redis answers writes with while it cannot persist (``stop-writes-on-bgsave-error``,
+#: a failing append-only file); redis-py has no exception class of its own for it.
+_MISCONF: Final = re.compile(r"MISCONF\b")
 
 #: Seconds a holder that stopped renewing (crashed, frozen, cut off) keeps the namespace.
 DEFAULT_TTL: Final = 5.0
@@ -205,13 +210,12 @@ class NamespaceLease:
                     keys=[self.key], args=[self.identity, self._ttl_ms]
                 )
             except (OutOfMemoryError, ReadOnlyError):
-                if self.held:
-                    # The server answered, and it refuses writes to everyone: nobody can take
-                    # the lease from us there, so the gate stays open and the ticks keep
-                    # flowing to its subscribers (PUBLISH still works). Still a failure.
-                    self._confirmed_at = sent_at
+                self._refused_to_everyone(sent_at)
                 raise
             except ResponseError as exc:
+                if _MISCONF.match(str(exc)):
+                    self._refused_to_everyone(sent_at)
+                    raise
                 if not self._scripting_refused(exc):
                     raise
             else:
@@ -233,6 +237,14 @@ class NamespaceLease:
             else:
                 return bool(released)
         return await self._release_watched()
+
+    def _refused_to_everyone(self, sent_at: float) -> None:
+        """The server answered, and it refuses writes to everyone (out of memory, a read-only
+        replica, ``MISCONF``: it cannot persist, e.g. a full disk under ``appendonly yes``):
+        nobody can take the lease from us there, so the gate stays open and the ticks keep
+        flowing to its subscribers (``PUBLISH`` still works). Still a failure, raised."""
+        if self.held:
+            self._confirmed_at = sent_at
 
     def _scripting_refused(self, exc: ResponseError) -> bool:
         """Scripting is unavailable here (for good): switch to ``WATCH``, logging it once."""

@@ -7,6 +7,7 @@ takes). ``watch``: fakeredis, which refuses scripting, so the lease falls back t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import fakeredis
@@ -14,6 +15,7 @@ import orjson
 import pytest
 from helpers import MakeRedis
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 
 from bridge.lease import DEFAULT_TTL, LeaseState, NamespaceLease
@@ -210,3 +212,30 @@ async def test_without_info_a_standby_takes_a_free_lease_at_once(
     await redis.delete(f"{namespace}:lock")
     assert await second.acquire() is LeaseState.HELD
     await redis.aclose()
+
+
+@pytest.mark.redis
+async def test_a_redis_that_cannot_persist_keeps_the_gate_open(
+    private_redis: MakeRedis, namespace: str
+) -> None:
+    """MISCONF (a failed save; a full disk under appendonly yes) refuses writes to everyone but
+    still takes PUBLISH: like out of memory, nobody can take the lease, so the ticks flow."""
+    server = await private_redis("--save", "3600 1", "--dir", "/proc")  # no file can go there
+    client = create_redis(server.url)
+    clock = Clock()
+    lease = NamespaceLease(client, namespace, clock=clock)
+    try:
+        assert await lease.acquire() is LeaseState.HELD
+        await client.bgsave()
+        for _ in range(100):  # the failed save makes the server refuse writes
+            if (await client.info("persistence"))["rdb_last_bgsave_status"] == "err":
+                break
+            await asyncio.sleep(0.05)
+        for _ in range(10):  # ten renewals, each refused with MISCONF
+            clock.now += 1.0
+            with pytest.raises(ResponseError, match=r"^MISCONF"):
+                await lease.renew()
+            assert lease.valid()
+        assert await client.publish(f"{namespace}:ticks:1", b"x") == 0  # accepted
+    finally:
+        await client.aclose()
