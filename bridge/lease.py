@@ -17,8 +17,8 @@ anything of the namespace:
   under ``WATCH``. Redis's clock expires a lease its holder stopped renewing; the holder's
   own clock closes its :meth:`~NamespaceLease.valid` gate a margin earlier, so a bridge cut
   off from Redis stops publishing before a standby can have taken over. A server that answers
-  but refuses writes (out of memory, read-only replica) refuses them to a standby as well, so
-  it keeps the gate open.
+  but refuses writes (out of memory, read-only replica, ``MISCONF``: it cannot persist) refuses
+  them to a standby as well, so it keeps the gate open.
 * A holder that finds the key held by another identity has lost it (a partition outlived the
   TTL): it must stop publishing at once.
 * A Redis restart without persistence empties the key while its holder is alive. A standby
