@@ -5,8 +5,9 @@ The desired subscriptions (``<ns>:subscriptions``) and the queued commands live 
 itself needs no persistence. A Redis that keeps nothing (``--save "" --appendonly no``) loses
 them whenever it restarts while no bridge runs to write the set back: a host reboot, a
 ``docker compose down`` / ``up``. The bridge then starts with no subscriptions and strategies
-get no data, silently. A ``maxmemory`` policy that may evict any key (``allkeys-*``) can drop
-them at any time, and queued commands with them. The bridge cannot prevent either, but it can
+get no data, silently. A ``maxmemory`` policy other than ``noeviction`` can drop keys at any
+time: any of them under ``allkeys-*``, the namespace lease and replies (which expire) under
+``volatile-*``. The bridge cannot prevent either, but it can
 say so at start-up and in ``bridge check-config --connect``.
 """
 
@@ -68,17 +69,24 @@ async def probe(redis: Redis) -> Persistence:
 
 def judge_eviction(policy: str | None, maxmemory: int | None) -> Persistence:
     """Pure verdict from ``CONFIG GET maxmemory-policy`` and ``maxmemory``: ``durable`` is
-    whether the bridge's keys (none of which expires, but replies) are safe from eviction."""
+    whether none of the bridge's keys can be evicted."""
     if policy is None:
         return Persistence(None, "unknown: the server did not report its maxmemory policy")
-    if not policy.startswith("allkeys-"):
-        return Persistence(True, f"maxmemory-policy {policy}: the bridge's keys are never evicted")
+    if policy == "noeviction":
+        return Persistence(True, "maxmemory-policy noeviction: the bridge's keys are never evicted")
     limit = "no maxmemory set yet" if not maxmemory else f"maxmemory {maxmemory} bytes"
+    if policy.startswith("volatile-"):
+        return Persistence(
+            False,
+            f"maxmemory-policy {policy} ({limit}): under memory pressure Redis may evict keys"
+            " with a TTL: the namespace lease (a standby would take over and this bridge exit 5)"
+            " and command replies; use noeviction",
+        )
     return Persistence(
         False,
-        f"maxmemory-policy {policy} ({limit}): under memory pressure Redis may evict the"
-        " desired subscriptions and queued commands; use noeviction or a volatile-* policy"
-        " (the bridge writes an evicted subscription set back, but not lost commands)",
+        f"maxmemory-policy {policy} ({limit}): under memory pressure Redis may evict any key:"
+        " the desired subscriptions (written back by the bridge), queued commands, the"
+        " namespace lease and replies; use noeviction",
     )
 
 

@@ -13,8 +13,9 @@ read or wrote together with the server's ``run_id``; when the server's identity 
 hash differs from that set, it writes the remembered set back (``subscriptions_restored``):
 nothing the bridge acknowledged can be newer. On the same server, whatever the hash holds is the
 desired set: an operator's ``unsubscribe all``, ``DEL`` or hand edit is followed, with one more
-exception: a hash that vanished while the server's ``evicted_keys`` grew was most likely evicted
-(a ``maxmemory`` policy of ``allkeys-*``) and is written back too. A fresh bridge process has
+exception: a hash that vanished while the server's ``evicted_keys`` grew, on a server whose
+``maxmemory`` policy may evict any key (``allkeys-*``), was most likely evicted and is written
+back too. A fresh bridge process has
 nothing to remember and takes the hash as it is.
 """
 
@@ -95,16 +96,20 @@ class SubscriptionStore:
     async def load(self) -> dict[int, Mode]:
         """The desired set; rewritten from memory if a restarted Redis server lost or aged it."""
         server_id = await self._current_server_id()
-        evicted = await self._evicted_keys()
         raw = await self._redis.hgetall(self.key)
+        # Read after the hash: an eviction that emptied it is then always counted already.
+        evicted = await self._evicted_keys()
         desired = decode_subscriptions(raw, self.key)
         restarted = server_id is not None and self._server_id not in (None, server_id)
-        # Only on the same server: a restart resets the counter.
+        # Only on the same server (a restart resets the counter), and only where the policy
+        # can evict a key without a TTL: elsewhere another application's evicted cache keys
+        # would turn an operator's DEL into an eviction.
         was_evicted = (
             not raw
             and not restarted
             and None not in (evicted, self._evicted)
             and evicted != self._evicted
+            and await self._evicts_any_key()
         )
         if (restarted or was_evicted) and self._known and desired != self._known:
             if was_evicted:
@@ -154,6 +159,16 @@ class SubscriptionStore:
         except ResponseError:
             return None
         return None if count is None else int(count)
+
+    async def _evicts_any_key(self) -> bool:
+        """Is the policy ``allkeys-*``? Unknown (``CONFIG`` refused) counts as yes: losing every
+        subscription silently is worse than undoing a ``DEL`` by hand."""
+        try:
+            policy = (await self._redis.config_get("maxmemory-policy")).get("maxmemory-policy")
+        except ResponseError:
+            return True
+        text = policy.decode() if isinstance(policy, bytes) else str(policy)
+        return policy is None or text.startswith("allkeys-")
 
     def queue_replace(self, pipe: Pipeline, desired: Mapping[int, Mode]) -> None:
         """Queue the commands that make the hash equal ``desired`` on ``pipe``.

@@ -81,7 +81,8 @@ async def test_probe_against_real_servers(private_redis: MakeRedis) -> None:
     ("policy", "maxmemory", "safe", "words"),
     [
         ("noeviction", 0, True, "never evicted"),
-        ("volatile-lru", 1 << 30, True, "never evicted"),
+        ("volatile-lru", 1 << 30, False, "keys with a TTL: the namespace lease"),
+        ("volatile-ttl", 0, False, "no maxmemory set yet"),
         ("allkeys-lru", 1 << 20, False, "allkeys-lru (maxmemory 1048576 bytes)"),
         ("allkeys-random", 0, False, "no maxmemory set yet"),
         (None, None, None, "unknown"),

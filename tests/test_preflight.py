@@ -164,7 +164,11 @@ async def test_a_redis_that_may_evict_the_bridges_keys_is_a_warning(
     (*_, evict) = await check_redis(settings(redis_url=lru.url))
     assert (evict.check, evict.ok, evict.warning) == ("eviction", True, True)
     assert "allkeys-lru (maxmemory 67108864 bytes)" in evict.detail
-    safe = await private_redis("--maxmemory-policy", "volatile-lru")
+    volatile = await private_redis("--maxmemory-policy", "volatile-lru")
+    (*_, evict) = await check_redis(settings(redis_url=volatile.url))
+    assert (evict.check, evict.ok, evict.warning) == ("eviction", True, True)
+    assert "the namespace lease" in evict.detail
+    safe = await private_redis("--maxmemory-policy", "noeviction")
     (*_, evict) = await check_redis(settings(redis_url=safe.url))
     assert (evict.check, evict.ok, evict.warning) == ("eviction", True, False)
 

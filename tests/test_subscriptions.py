@@ -182,6 +182,19 @@ async def test_a_set_evicted_on_the_same_server_is_written_back(
     assert await store.load() == {}
     assert store.restored == 1
 
+    # Under a policy that evicts only keys with a TTL the hash cannot have been evicted: other
+    # applications' evictions do not turn an operator's DEL into one.
+    async def volatile_only() -> bool:
+        return False
+
+    monkeypatch.setattr(store, "_evicts_any_key", volatile_only)
+    await store.replace({3: "quote"})
+    await store.load()
+    await redis.delete(KEY)
+    evicted[0] += 100
+    assert await store.load() == {}
+    assert store.restored == 1
+
 
 @pytest.mark.redis
 async def test_a_real_eviction_is_repaired(private_redis: MakeRedis) -> None:
