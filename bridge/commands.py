@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias, cast, get_args
@@ -179,27 +180,19 @@ def _json_id(obj: Mapping[str, Any]) -> str | None:
     raise CommandError(f"bad id {_show(raw_id)}: at most 64 characters of A-Z a-z 0-9 _ . -")
 
 
-class _Duplicate(Exception):
-    def __init__(self, key: str) -> None:
-        self.key = key
+def _duplicate_keys(text: str) -> tuple[str | None, bool]:
+    """The first key given twice in any object of ``text`` (valid JSON), or None; and whether
+    the top-level object gives ``id`` twice (the object hook sees the top level last)."""
+    repeated: list[list[str]] = []
 
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        counts = Counter(key for key, _ in pairs)
+        repeated.append([key for key, _ in pairs if counts[key] > 1])
+        return dict(pairs)
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _Duplicate(key)
-        seen[key] = value
-    return seen
-
-
-def _duplicate_key(text: str) -> str | None:
-    """The first key given twice in any object of ``text`` (valid JSON), or None."""
-    try:
-        json.loads(text, object_pairs_hook=_reject_duplicates)
-    except _Duplicate as exc:
-        return exc.key
-    return None
+    json.loads(text, object_pairs_hook=hook)
+    first = next((keys[0] for keys in repeated if keys), None)
+    return first, bool(repeated) and "id" in repeated[-1]
 
 
 def _parse_json(text: str, default_mode: Mode) -> Command:
@@ -209,9 +202,9 @@ def _parse_json(text: str, default_mode: Mode) -> Command:
         raise CommandError(f"invalid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise CommandError("a JSON command must be an object")
-    duplicate = _duplicate_key(text)
-    if duplicate == "id":  # which one to answer is a guess: neither is
-        raise CommandError(f"duplicate key {_show(duplicate)}: give each key once")
+    duplicate, two_ids = _duplicate_keys(text)
+    if two_ids:  # which one to answer is a guess: neither is
+        raise CommandError("duplicate key 'id': give each key once")
     command_id = _json_id(obj)
     if duplicate is not None:
         # {"action": "subscribe", ..., "action": "unsubscribe"}: JSON parsers keep the last,

@@ -154,6 +154,14 @@ def test_rejection_keeps_a_readable_id_so_the_reply_reaches_the_sender() -> None
     with pytest.raises(CommandError) as two_ids:
         parse_command('{"id": "d1", "id": "d2", "action": "list"}')
     assert two_ids.value.id is None
+    # Whichever duplicate comes first: two top-level ids never get a reply...
+    with pytest.raises(CommandError) as later_ids:
+        parse_command('{"action": "list", "action": "list", "id": "a", "id": "b"}')
+    assert later_ids.value.id is None
+    # ...and an "id" repeated inside another value does not hide the real one.
+    with pytest.raises(CommandError) as nested:
+        parse_command('{"id": "x", "action": "list", "mode": {"id": 1, "id": 2}}')
+    assert (nested.value.id, nested.value.reason) == ("x", "duplicate key 'id': give each key once")
 
 
 def test_the_largest_subscribe_fits_however_it_is_formatted() -> None:
