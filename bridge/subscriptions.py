@@ -95,10 +95,15 @@ class SubscriptionStore:
 
     async def load(self) -> dict[int, Mode]:
         """The desired set; rewritten from memory if a restarted Redis server lost or aged it."""
-        server_id = await self._current_server_id()
-        raw = await self._redis.hgetall(self.key)
-        # Read after the hash: an eviction that emptied it is then always counted already.
-        evicted = await self._evicted_keys()
+        while True:
+            server_id = await self._current_server_id()
+            raw = await self._redis.hgetall(self.key)
+            # Read after the hash: an eviction that emptied it is then always counted already.
+            evicted = await self._evicted_keys()
+            # A restart between INFO and HGETALL would pass the new server's empty hash off as
+            # the old server's: an operator's DEL, followed. Read again until both agree.
+            if await self._current_server_id() == server_id:
+                break
         desired = decode_subscriptions(raw, self.key)
         restarted = server_id is not None and self._server_id not in (None, server_id)
         # Only on the same server (a restart resets the counter), and only where the policy

@@ -216,3 +216,25 @@ async def test_a_real_eviction_is_repaired(private_redis: MakeRedis) -> None:
         assert store.restored == 1
     finally:
         await client.aclose()
+
+
+async def test_a_restart_in_the_middle_of_a_read_is_not_taken_for_a_del(
+    store: SubscriptionStore, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INFO answered by the old server, HGETALL by the restarted, empty one: without a second
+    look this passes for a DEL on the same server, followed, and every subscription is gone."""
+    answers = ["first", "first"]
+
+    async def current() -> str:
+        return answers.pop(0) if answers else "second"
+
+    monkeypatch.setattr(store, "_current_server_id", current)
+    await store.load()
+    await store.replace({1: "ltp", 2: "full"})
+    await redis.flushall()  # the restart, just after the next INFO
+    answers.append("first")
+    with capture_logs() as logs:
+        assert await store.load() == {1: "ltp", 2: "full"}
+    assert await redis.hgetall(KEY) == {b"1": b"ltp", b"2": b"full"}
+    [restored] = [entry for entry in logs if entry["event"] == "subscriptions_restored"]
+    assert restored["reason"] == "the Redis server restarted and lost the set"
