@@ -78,6 +78,8 @@ __all__ = [
 LEASE_RENEW_INTERVAL: Final = 1.0
 #: A standby repeats "still waiting" this often (seconds), not on every attempt.
 _STANDBY_LOG_EVERY: Final = 60.0
+#: Tokens of each kind named in a ``subscriptions_followed`` log line.
+_FOLLOWED_SHOWN: Final = 20
 #: Publishes failing this long (seconds) make ``/readyz`` say so: longer than a blip that the
 #: next batch heals, shorter than anyone would want to trade on a silent feed.
 PUBLISH_FAILING_AFTER: Final = 2.0
@@ -459,16 +461,28 @@ class Bridge:
             current = self.feed.subscriptions
             if desired == current:
                 return
-            added = sum(1 for token in desired if token not in current)
-            removed = sum(1 for token in current if token not in desired)
-            changed = sum(1 for token, mode in desired.items() if current.get(token, mode) != mode)
+            added = sorted(token for token in desired if token not in current)
+            removed = sorted(token for token in current if token not in desired)
+            changed = sorted(
+                token for token, mode in desired.items() if current.get(token, mode) != mode
+            )
             _log.warning(
                 "subscriptions_followed",
                 reason=f"{self.store.key} changed outside the control list",
-                added=added,
-                removed=removed,
-                mode_changed=changed,
+                added=len(added),
+                removed=len(removed),
+                mode_changed=len(changed),
                 subscriptions=len(desired),
+                # Which ones, so an operator can tell a slip of the hand (the first few).
+                instrument_tokens={
+                    name: tokens[:_FOLLOWED_SHOWN]
+                    for name, tokens in (
+                        ("added", added),
+                        ("removed", removed),
+                        ("mode_changed", changed),
+                    )
+                    if tokens
+                },
             )
             await self.feed.reconcile(desired)
 

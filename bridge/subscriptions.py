@@ -44,13 +44,19 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def decode_subscriptions(raw: Mapping[bytes | str, bytes | str], key: str = "") -> dict[int, Mode]:
+def decode_subscriptions(
+    raw: Mapping[bytes | str, bytes | str],
+    key: str = "",
+    warned: set[tuple[str, str]] | None = None,
+) -> dict[int, Mode]:
     """Parse an HGETALL reply; entries that are not ``<positive int> → <mode>`` are skipped.
 
     Only the bridge writes the hash, but an operator may edit it by hand: a bad entry is
-    logged and ignored rather than taking the bridge down.
+    logged and ignored rather than taking the bridge down. With ``warned`` (the bad entries of
+    the previous read, updated in place) each is logged once while it stays, not at every read.
     """
     desired: dict[int, Mode] = {}
+    invalid: set[tuple[str, str]] = set()
     for field, value in raw.items():
         token_text, mode = _text(field), _text(value).strip().lower()
         try:
@@ -58,9 +64,21 @@ def decode_subscriptions(raw: Mapping[bytes | str, bytes | str], key: str = "") 
         except ValueError:
             token = 0
         if token <= 0 or token >= 2**32 or mode not in MODES:
-            _log.warning("subscription_entry_invalid", key=key, token=token_text, mode=mode)
+            invalid.add((token_text, mode))
+            if warned is None or (token_text, mode) not in warned:
+                # ``instrument_token``: the log's redaction masks a key named ``token``.
+                _log.warning(
+                    "subscription_entry_invalid",
+                    key=key,
+                    instrument_token=token_text,
+                    mode=mode,
+                    expected="<instrument token 1..4294967295> -> ltp | quote | full",
+                )
             continue
         desired[token] = cast(Mode, mode)
+    if warned is not None:
+        warned.clear()
+        warned.update(invalid)
     return desired
 
 
@@ -79,6 +97,8 @@ class SubscriptionStore:
         self._known: dict[int, Mode] = {}
         self._server_id: str | None = None
         self._server_id_supported = True
+        #: Hand-written entries the last read skipped (each logged once while it stays).
+        self._invalid: set[tuple[str, str]] = set()
         #: The server's ``evicted_keys`` when the set was last read (None: unknown).
         self._evicted: int | None = None
         #: How many times a restarted Redis server's lost or older set was written back.
@@ -104,7 +124,7 @@ class SubscriptionStore:
             # the old server's: an operator's DEL, followed. Read again until both agree.
             if await self._current_server_id() == server_id:
                 break
-        desired = decode_subscriptions(raw, self.key)
+        desired = decode_subscriptions(raw, self.key, self._invalid)
         restarted = server_id is not None and self._server_id not in (None, server_id)
         # Only on the same server (a restart resets the counter), and only where the policy
         # can evict a key without a TTL: elsewhere another application's evicted cache keys
@@ -199,6 +219,6 @@ class SubscriptionStore:
                 pipe.hset(self.key, mapping=encode_subscriptions(extra))
             pipe.hgetall(self.key)
             replies = await pipe.execute()
-        desired = decode_subscriptions(replies[-1], self.key)
+        desired = decode_subscriptions(replies[-1], self.key, self._invalid)
         self.remember(desired)
         return desired

@@ -309,6 +309,16 @@ async def test_a_hand_edit_of_the_desired_set_is_followed_within_seconds(
         [(1, 1, 1), (0, 1, 0)],  # both edits seen in one guard round, then the DEL
         [(1, 0, 1), (0, 1, 0), (0, 1, 0)],  # or the HSET first, then the HDEL, then the DEL
     )
+    # Which instruments, by number (not masked as if they were secrets).
+    assert followed[0]["instrument_tokens"]["added"] == [RELIANCE]
+    assert followed[0]["instrument_tokens"]["mode_changed"] == [SBIN]
+    assert followed[-1]["instrument_tokens"] == {"removed": [RELIANCE]}
+    [junk] = [
+        orjson.loads(line)
+        for line in bridge.log.read_text().splitlines()
+        if '"subscription_entry_invalid"' in line
+    ]  # once, though the guard read it every round
+    assert (junk["instrument_token"], junk["mode"]) == ("junk", "full")
 
 
 async def test_a_price_beyond_int32_in_a_commodity_segment_is_published_as_sent(

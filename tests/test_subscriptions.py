@@ -81,8 +81,23 @@ async def test_hand_edited_bad_entries_are_skipped_and_logged(
     )
     with capture_logs() as logs:
         assert await store.load() == {1: "ltp", 9: "full"}
-    bad = sorted(entry["token"] for entry in logs if entry["event"] == "subscription_entry_invalid")
+    bad = sorted(
+        entry["instrument_token"]
+        for entry in logs
+        if entry["event"] == "subscription_entry_invalid"
+    )
     assert bad == ["0", "2", "4294967296", "x"]
+    # Once each while it stays (the guard reads every 5 s); again if it comes back.
+    with capture_logs() as logs:
+        assert await store.load() == {1: "ltp", 9: "full"}
+    assert [e for e in logs if e["event"] == "subscription_entry_invalid"] == []
+    await redis.hdel(KEY, "x")
+    await store.load()
+    await redis.hset(KEY, "x", "full")
+    with capture_logs() as logs:
+        await store.load()
+    again = [e["instrument_token"] for e in logs if e["event"] == "subscription_entry_invalid"]
+    assert again == ["x"]
 
 
 def test_decode_accepts_str_replies() -> None:
