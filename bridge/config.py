@@ -333,7 +333,14 @@ ENV_NAMES: Final[Mapping[str, str]] = {
     for name in Settings.model_fields
 }
 _FIELD_OF_ENV: Final = {env: field for field, env in ENV_NAMES.items()}
-_KNOWN_BRIDGE_VARS: Final = [*(e for e in _FIELD_OF_ENV if e.startswith("BRIDGE_")), CONFIG_ENV]
+#: Set to 1/true to run on uvloop (if installed); read by the service at start, not a setting of
+#: its own because the loop exists before the settings are loaded.
+UVLOOP_ENV: Final = "BRIDGE_UVLOOP"
+_KNOWN_BRIDGE_VARS: Final = [
+    *(e for e in _FIELD_OF_ENV if e.startswith("BRIDGE_")),
+    CONFIG_ENV,
+    UVLOOP_ENV,
+]
 
 #: What load_settings read from the TOML file, handed to settings_customise_sources, a
 #: classmethod that cannot be given arguments.

@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 from bridge import persistence
 from bridge.cancel import cancel_and_wait, checkpoint
 from bridge.commands import MAX_TOKENS
-from bridge.config import ConfigError, Settings
+from bridge.config import UVLOOP_ENV, ConfigError, Settings
 from bridge.control import ControlConsumer
 from bridge.exit_codes import (
     EXIT_AUTH,
@@ -84,9 +84,6 @@ _FOLLOWED_SHOWN: Final = 20
 #: next batch heals, shorter than anyone would want to trade on a silent feed.
 PUBLISH_FAILING_AFTER: Final = 2.0
 
-#: Set to 1/true to run on uvloop (if installed). Default: the stdlib loop (ecosystem-notes §3:
-#: the loop is not the bottleneck here).
-UVLOOP_ENV: Final = "BRIDGE_UVLOOP"
 
 _log = structlog.get_logger(__name__)
 T = TypeVar("T")

@@ -338,6 +338,11 @@ def test_near_miss_bridge_variables_are_errors(
 ) -> None:
     monkeypatch.setenv("BRIDGE_MAX_RETRY", "3")
     assert config_error() == "BRIDGE_MAX_RETRY: unknown setting; did you mean BRIDGE_MAX_RETRIES?"
+    monkeypatch.delenv("BRIDGE_MAX_RETRY")
+    monkeypatch.setenv("BRIDGE_UVLOOP", "1")  # read by the service, a known variable
+    assert load_settings().namespace == "kite"
+    monkeypatch.setenv("BRIDGE_UVLOP", "1")
+    assert config_error() == "BRIDGE_UVLOP: unknown setting; did you mean BRIDGE_UVLOOP?"
 
 
 def test_unrelated_bridge_variables_are_ignored(
