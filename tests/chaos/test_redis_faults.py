@@ -307,6 +307,56 @@ async def test_a_hung_redis_under_load_never_stalls_the_websocket(
     assert code == 0
 
 
+async def test_commands_pushed_while_redis_hangs_past_the_socket_timeout_apply_in_order(
+    make_sim: MakeSim, launch: Launch, private_redis: MakeRedis, namespace: str
+) -> None:
+    """The consumer blocks in BLMOVE; Redis hangs for longer than the 5 s socket timeout, so
+    redis-py retries the BLMOVE on a new connection; an operator's RPUSH of subscribe X then
+    unsubscribe X waits in the frozen server. When it wakes, the abandoned BLMOVE takes X and
+    the retry takes Y: applied as taken, the instrument would stay subscribed."""
+    server = await private_redis()
+    sim = await make_sim()
+    bridge = await launch(sim, server.url)
+    client = Redis.from_url(server.url)
+    token = BASE_TOKEN + 7
+    x = orjson.dumps({"id": "x", "action": "subscribe", "mode": "full", "tokens": [token]})
+    y = orjson.dumps({"id": "y", "action": "unsubscribe", "tokens": [token]})
+    try:
+        await wait_until(bridge.ready, within=15)
+        await asyncio.sleep(0.3)  # the consumer is inside its 1 s BLMOVE
+        # An operator's connection, open before the hang, with its RPUSH sent into it.
+        with socket.create_connection(("127.0.0.1", server.port)) as operator:
+            operator.sendall(b"PING\r\n")
+            assert operator.recv(100) == b"+PONG\r\n"
+            server.freeze()
+            try:
+                parts = [b"RPUSH", f"{namespace}:control".encode(), x, y]
+                operator.sendall(
+                    b"*%d\r\n" % len(parts)
+                    + b"".join(b"$%d\r\n%b\r\n" % (len(p), p) for p in parts)
+                )
+                await asyncio.sleep(6.5)  # past the bridge's 5 s socket timeout
+            finally:
+                server.thaw()
+            assert operator.recv(100) == b":2\r\n"
+        replies = {}
+        for cid in ("x", "y"):
+            reply = await client.blpop([f"{namespace}:reply:{cid}"], 10)
+            assert reply is not None, cid
+            replies[cid] = orjson.loads(reply[1])
+        assert replies["x"]["subscriptions"] == {str(token): "full"}
+        assert replies["y"]["subscriptions"] == {}
+        assert replies["x"]["at"] <= replies["y"]["at"]  # X applied first
+        assert await client.hgetall(f"{namespace}:subscriptions") == {}
+        await sim.wait_for(lambda: token not in sim.subscriptions(), 5)
+        assert await client.llen(f"{namespace}:control:processing") == 0
+        assert bridge.alive()
+    finally:
+        await client.aclose()
+    code, _ = await bridge.stop()
+    assert code == 0
+
+
 @pytest.mark.parametrize("refusal", ["oom", "readonly"])
 async def test_redis_refusing_writes_is_not_ready(
     refusal: str,
