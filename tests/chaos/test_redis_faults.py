@@ -7,7 +7,9 @@ killed with SIGKILL and reconfigured without touching the shared server.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import socket
 import time
 from typing import Any
@@ -20,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from bridge.redis_client import create_redis
 from chaos.harness import Listen, MakeSim, scaled
 from chaos.test_feed_faults import MODES, apply, assert_ticks_accounted, quiesce
 
@@ -355,6 +358,60 @@ async def test_commands_pushed_while_redis_hangs_past_the_socket_timeout_apply_i
         await client.aclose()
     code, _ = await bridge.stop()
     assert code == 0
+
+
+async def test_a_redis_restart_with_a_standby_waiting_loses_no_subscription(
+    make_sim: MakeSim, launch: Launch, private_redis: MakeRedis, namespace: str
+) -> None:
+    """Holder and standby on one namespace; Redis (no persistence) killed and restarted at once.
+    The restart empties the lock: a standby that took it would start from the empty set while
+    the holder, which remembers the set, exits 5."""
+    server = await private_redis()
+    sim = await make_sim()
+    holder = await launch(sim, server.url)
+    tokens = [BASE_TOKEN + i for i in range(3)]
+    client = create_redis(server.url)
+    try:
+        await wait_until(holder.ready, within=15)
+        for i, token in enumerate(tokens):
+            body = {"id": f"s{i}", "action": "subscribe", "mode": "full", "tokens": [token]}
+            assert (await send_command(client, namespace, body))["ok"] is True
+        standby = await launch(sim, server.url)
+        await wait_until(lambda: '"namespace_in_use"' in standby.log.read_text(), within=15)
+        # The holder paused across the restart (a busy host, a GC pause): without the grace
+        # the standby would find the key free and take it before the holder's next renewal.
+        os.kill(holder.pid, signal.SIGSTOP)
+        try:
+            await server.kill()
+            await server.start()
+            await asyncio.sleep(1.5)  # well inside one lease TTL (5 s)
+        finally:
+            os.kill(holder.pid, signal.SIGCONT)
+        expected = {str(token).encode(): b"full" for token in tokens}
+
+        async def settled() -> bool:
+            try:
+                lock = await client.get(f"{namespace}:lock")
+                stored = await client.hgetall(f"{namespace}:subscriptions")
+            except (RedisConnectionError, RedisTimeoutError):
+                return False
+            return lock is not None and stored == expected
+
+        await wait_until(settled, within=15)
+        await asyncio.sleep(5.0 + 1.0)  # past a lease TTL: nothing changes hands after all
+        lock = await client.get(f"{namespace}:lock")
+        assert lock is not None
+        assert orjson.loads(lock)["pid"] == holder.pid  # the holder kept the namespace
+        assert holder.alive()
+        assert standby.alive()
+        assert await client.hgetall(f"{namespace}:subscriptions") == expected
+        await sim.wait_for(lambda: set(tokens) <= set(sim.subscriptions()), 5)
+        assert '"lease_restart_grace"' in standby.log.read_text()
+    finally:
+        await client.aclose()
+    for bridge in (standby, holder):
+        code, _ = await bridge.stop()
+        assert code == 0
 
 
 @pytest.mark.parametrize("refusal", ["oom", "readonly"])
