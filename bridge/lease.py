@@ -56,6 +56,8 @@ from redis.exceptions import (
     WatchError,
 )
 
+from bridge.redis_client import InfoRefused, info_field
+
 __all__ = ["DEFAULT_TTL", "LeaseState", "NamespaceLease", "describe_identity"]
 
 _log = structlog.get_logger(__name__)
@@ -196,10 +198,9 @@ class NamespaceLease:
     async def _run_id(self) -> str | None:
         """The server's ``run_id`` (new at every start); ``None`` where ``INFO`` is refused."""
         try:
-            run_id = (await self._redis.info("server")).get("run_id")
-        except ResponseError:
+            return await info_field(self._redis, "server", "run_id")
+        except InfoRefused:
             return None
-        return None if run_id is None else str(run_id)
 
     async def renew(self) -> LeaseState:
         """Extend our lease; take it again if it vanished; TAKEN if someone else holds it."""

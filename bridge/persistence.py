@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from bridge.redis_client import InfoRefused, info_field
+
 __all__ = ["Persistence", "judge", "judge_eviction", "probe", "probe_eviction"]
 
 
@@ -54,8 +56,8 @@ async def probe(redis: Redis) -> Persistence:
     aof: bool | None
     save: str | None
     try:
-        aof = bool(int((await redis.info("persistence")).get("aof_enabled", 0)))
-    except (ResponseError, ValueError, TypeError):
+        aof = bool(int(await info_field(redis, "persistence", "aof_enabled") or 0))
+    except (InfoRefused, ValueError):
         aof = None
     if aof:
         return judge(aof, None)

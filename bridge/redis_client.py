@@ -25,10 +25,11 @@ from typing import Any, Final
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ResponseError
 
 from bridge.kite.retry import Backoff
 
-__all__ = ["INNER_RETRIES", "SOCKET_TIMEOUT", "Outage", "create_redis"]
+__all__ = ["INNER_RETRIES", "SOCKET_TIMEOUT", "InfoRefused", "Outage", "create_redis", "info_field"]
 
 #: Attempts redis-py makes on top of the first before a call fails to our own loops.
 INNER_RETRIES: Final = 3
@@ -57,6 +58,23 @@ def create_redis(
         health_check_interval=health_check_interval,
         client_name=client_name,
     )
+
+
+class InfoRefused(Exception):
+    """``INFO`` is refused here (renamed or denied by an ACL, a proxy, fakeredis): what it would
+    tell (a restart, evictions, persistence) cannot be known."""
+
+
+async def info_field(redis: Redis, section: str, field: str) -> str | None:
+    """One field of ``INFO <section>`` as text (``None`` if the server has no such field).
+
+    Raises :class:`InfoRefused` when the server refuses ``INFO``; connection errors propagate.
+    """
+    try:
+        value = (await redis.info(section)).get(field)
+    except ResponseError as exc:
+        raise InfoRefused(str(exc)) from exc
+    return None if value is None else str(value)
 
 
 class Outage:

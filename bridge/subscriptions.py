@@ -32,6 +32,7 @@ from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
 from bridge.kite.records import Mode
+from bridge.redis_client import InfoRefused, info_field
 
 __all__ = ["MODES", "SubscriptionStore", "decode_subscriptions", "encode_subscriptions"]
 
@@ -168,20 +169,18 @@ class SubscriptionStore:
         if not self._server_id_supported:
             return None
         try:
-            info = await self._redis.info("server")
-        except ResponseError:  # INFO renamed or disabled by the operator, or a Redis look-alike
+            return await info_field(self._redis, "server", "run_id") or None
+        except InfoRefused:
             self._server_id_supported = False
             _log.warning("redis_run_id_unavailable", consequence="restart guard disabled")
             return None
-        run_id = info.get("run_id")
-        return str(run_id) if run_id else None
 
     async def _evicted_keys(self) -> int | None:
         if not self._server_id_supported:
             return None
         try:
-            count = (await self._redis.info("stats")).get("evicted_keys")
-        except ResponseError:
+            count = await info_field(self._redis, "stats", "evicted_keys")
+        except InfoRefused:
             return None
         return None if count is None else int(count)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import fakeredis
 import pytest
+from redis.asyncio import Redis
 
-from bridge.redis_client import Outage
+from bridge.redis_client import InfoRefused, Outage, info_field
 
 
 class Log:
@@ -57,3 +59,23 @@ def test_one_warning_per_outage_and_one_recovery_line() -> None:
 def test_nonsense_waits_are_refused(base_wait: float, max_wait: float) -> None:
     with pytest.raises(ValueError, match="wait"):
         Outage("status", Log(), base_wait=base_wait, max_wait=max_wait)
+
+
+async def test_info_field_reads_one_field_and_says_when_info_is_refused() -> None:
+    server = fakeredis.FakeServer()
+    refused = fakeredis.FakeAsyncRedis(server=server)  # fakeredis has no INFO
+    with pytest.raises(InfoRefused):
+        await info_field(refused, "server", "run_id")
+    await refused.aclose()
+
+
+@pytest.mark.redis
+async def test_info_field_against_a_real_server(redis_url: str) -> None:
+    client = Redis.from_url(redis_url)
+    try:
+        run_id = await info_field(client, "server", "run_id")
+        assert run_id is not None
+        assert len(run_id) == 40
+        assert await info_field(client, "server", "no_such_field") is None
+    finally:
+        await client.aclose()
