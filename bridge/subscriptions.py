@@ -15,8 +15,7 @@ nothing the bridge acknowledged can be newer. On the same server, whatever the h
 desired set: an operator's ``unsubscribe all``, ``DEL`` or hand edit is followed, with one more
 exception: a hash that vanished while the server's ``evicted_keys`` grew, on a server whose
 ``maxmemory`` policy may evict any key (``allkeys-*``), was most likely evicted and is written
-back too. A fresh bridge process has
-nothing to remember and takes the hash as it is.
+back too. A fresh bridge process has nothing to remember and takes the hash as it is.
 """
 
 from __future__ import annotations
@@ -116,15 +115,17 @@ class SubscriptionStore:
 
     async def load(self) -> dict[int, Mode]:
         """The desired set; rewritten from memory if a restarted Redis server lost or aged it."""
+        server_id = await self._current_server_id()
         while True:
-            server_id = await self._current_server_id()
             raw = await self._redis.hgetall(self.key)
             # Read after the hash: an eviction that emptied it is then always counted already.
             evicted = await self._evicted_keys()
             # A restart between INFO and HGETALL would pass the new server's empty hash off as
             # the old server's: an operator's DEL, followed. Read again until both agree.
-            if await self._current_server_id() == server_id:
+            after = await self._current_server_id()
+            if after == server_id:
                 break
+            server_id = after
         desired = decode_subscriptions(raw, self.key, self._invalid)
         restarted = server_id is not None and self._server_id not in (None, server_id)
         # Only on the same server (a restart resets the counter), and only where the policy
