@@ -47,7 +47,7 @@ from pydantic_settings import (
 from redis.connection import parse_url
 
 from bridge.commands import MAX_TOKENS, CommandError, parse_mode, parse_token
-from bridge.kite.feed import check_url
+from bridge.kite.endpoint import check_url
 from bridge.kite.records import Mode
 from bridge.logs import LOG_LEVELS, MASK, redact_text
 

@@ -34,7 +34,7 @@ from bridge.kite import (
 )
 from bridge.kite import feed as feed_module
 from bridge.kite.codec import encode_frame
-from bridge.kite.feed import _Event, _Inbox
+from bridge.kite.inbox import Event, Inbox
 from bridge.kite.records import FullTick, IndexFullTick, LtpTick, QuoteTick
 from bridge.simulator.server import Simulator
 
@@ -582,8 +582,8 @@ async def test_a_slow_consumer_never_blocks_the_reader_and_is_not_stale(
 
 
 async def test_a_full_inbox_waits_briefly_then_drops_its_older_half_keeping_events() -> None:
-    inbox = _Inbox(limit=6, max_bytes=10_000)
-    connect, disconnect = _Event("on_connect", ()), _Event("on_disconnect", ("dropped", 1006, ""))
+    inbox = Inbox(limit=6, max_bytes=10_000)
+    connect, disconnect = Event("on_connect", ()), Event("on_disconnect", ("dropped", 1006, ""))
     inbox.put_nowait(connect)
     for n in range(4):
         assert await inbox.put_frame(b"f%d" % n, float(n), 0.01) == 0
@@ -595,7 +595,7 @@ async def test_a_full_inbox_waits_briefly_then_drops_its_older_half_keeping_even
     assert list(inbox.stamps) == [2.0, 3.0, 4.0]
     assert inbox.size == 6
     # A consumer that makes room in time loses nothing: the reader just waited.
-    inbox.put_nowait(_Event("on_connect", ()))  # full again
+    inbox.put_nowait(Event("on_connect", ()))  # full again
     put = asyncio.ensure_future(inbox.put_frame(b"f5", 5.0, 5.0))
     await asyncio.sleep(0.01)
     assert inbox.waiting
@@ -612,7 +612,7 @@ async def test_a_full_inbox_waits_briefly_then_drops_its_older_half_keeping_even
     assert list(inbox.items)[-1] == b"f6"
     assert inbox.qsize() == 7
     # Bytes bound too: drop until at most half of max_bytes remains.
-    big = _Inbox(limit=100, max_bytes=100)
+    big = Inbox(limit=100, max_bytes=100)
     for n in range(5):
         await big.put_frame(bytes(30), float(n), 0.01)  # 150 bytes: over the bound after the 4th
     assert big.size <= 100
@@ -620,7 +620,7 @@ async def test_a_full_inbox_waits_briefly_then_drops_its_older_half_keeping_even
 
 
 async def test_a_full_inbox_keeps_order_updates_and_drops_ticks() -> None:
-    inbox = _Inbox(limit=6, max_bytes=10_000)
+    inbox = Inbox(limit=6, max_bytes=10_000)
     order = '{"type":"order","data":{"order_id":"1"}}'
     await inbox.put_frame(b"f0", 0.0, 0.01)
     await inbox.put_frame(order, 1.0, 0.01)  # older than most ticks
@@ -633,14 +633,14 @@ async def test_a_full_inbox_keeps_order_updates_and_drops_ticks() -> None:
     assert inbox.size == sum(len(item) for item in inbox.items)
     assert inbox.pop() == order
     # Text frames alone filling it still cannot grow it without bound: the oldest go.
-    texts = _Inbox(limit=4, max_bytes=10_000)
+    texts = Inbox(limit=4, max_bytes=10_000)
     for n in range(4):
         await texts.put_frame(f"t{n}", float(n), 0.01)
     assert await texts.put_frame("t4", 4.0, 0.01) == 2
     assert list(texts.items) == ["t2", "t3", "t4"]
     assert list(texts.stamps) == [2.0, 3.0, 4.0]
     # The byte bound likewise.
-    big = _Inbox(limit=100, max_bytes=100)
+    big = Inbox(limit=100, max_bytes=100)
     for n in range(5):
         await big.put_frame("x" * 30, float(n), 0.01)
     assert big.size <= 100

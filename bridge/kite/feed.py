@@ -14,15 +14,10 @@ Tasks while ``connect()`` runs:
   events (connect, disconnect, reconnect) travel through the same inbox, so a handler sees the
   ticks of a connection before its ``on_disconnect``.
 
-The reader never waits long for the handlers. The inbox holds up to ``queue_size`` frames and
-``queue_bytes`` bytes (a full-mode frame of 3000 instruments is ~560 KB, so a frame count alone
-would not bound memory). When it is full the reader waits for room, at most ``queue_timeout``
-(1 s) for the dispatcher to take a frame: a busy dispatcher does within milliseconds, and
-meanwhile TCP pushes back on the server, so a CPU-bound burst loses nothing. A consumer that
-takes nothing in that time is stuck: the older half of the waiting frames is dropped (the
-stalest; counted in ``stats.frames_dropped`` and logged) and the reader goes on. Waiting
-longer would stop the socket being read, and with it the answers to the server's pings: the
-connection would die (kite-protocol §7 pitfall 2) while nothing here could notice.
+The reader never waits long for the handlers: the inbox (``inbox.py``) is bounded in frames
+and bytes, and when a stuck consumer lets it fill for ``queue_timeout`` the older half of the
+waiting tick frames is dropped (counted in ``stats.frames_dropped`` and logged) so the socket,
+and with it the answers to the server's pings, keeps being read.
 :meth:`KiteFeed.lag` tells a handler how far behind it is long before that, so one that paces
 the feed (the bridge's publisher) can choose freshness in its own way first.
 
@@ -39,15 +34,12 @@ import inspect
 import itertools
 import logging
 import math
-import re
 import time
 import types
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final, NamedTuple, TypeAlias, get_args
-from urllib.parse import quote, urlsplit
+from typing import Any, Final, TypeAlias, get_args
 
 import structlog
 from websockets.asyncio.client import ClientConnection
@@ -55,9 +47,18 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.protocol import State
-from websockets.uri import parse_uri
 
 from bridge.kite.codec import FrameError, decode_frame
+from bridge.kite.endpoint import (
+    CLIENT_LOGGER,
+    DEFAULT_KITE_CONNECT_URL,
+    DEFAULT_KITE_WEB_URL,
+    Secret,
+    base_url,
+    check_url,
+    query_string,
+)
+from bridge.kite.inbox import STOP, Event, Inbox
 from bridge.kite.messages import (
     InvalidText,
     KiteError,
@@ -83,8 +84,6 @@ __all__ = [
     "check_url",
 ]
 
-DEFAULT_KITE_CONNECT_URL: Final = "wss://ws.kite.trade"
-DEFAULT_KITE_WEB_URL: Final = "wss://ws.zerodha.com/"
 _KITEFRONT: Final = "kitefront"
 _MODES: Final[tuple[Mode, ...]] = get_args(Mode)
 _UINT32_MAX: Final = 0xFFFF_FFFF
@@ -121,70 +120,6 @@ FeedError: TypeAlias = KiteError | InvalidText | Exception
 #: At most one logged traceback per handler in this many seconds (the rest are counted).
 _FAILURE_LOG_INTERVAL: Final = 10.0
 
-_SECRET_QUERY = re.compile(r"((?:access_token|enctoken)=)[^&\s\"']+")
-
-
-def _redact(text: str) -> str:
-    return _SECRET_QUERY.sub(r"\1***", text)
-
-
-class RedactingAdapter(logging.LoggerAdapter[logging.Logger]):
-    """websockets logs the request line at DEBUG, query string (our credentials) included.
-
-    The simulator's server logs through one too: tokens pointed at it may be real."""
-
-    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
-        if self.isEnabledFor(level):
-            clean = tuple(_redact(arg) if isinstance(arg, str) else arg for arg in args)
-            text = _redact(msg) if isinstance(msg, str) else msg
-            self.logger.log(level, text, *clean, **kwargs)
-
-
-_WS_LOGGER: Final = RedactingAdapter(logging.getLogger("websockets.client"), {})
-
-
-class _Secret:
-    """Holds a credential so that no repr, log line or attribute dump shows it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "'***'"
-
-
-def check_url(url: str) -> str:
-    """``url`` if it can be the feed's endpoint (``KITE_WS_URL``), else a ``ValueError`` saying
-    why; the configuration checks with it too, so a bad URL is a config error, not a crash."""
-    parts = urlsplit(url)
-    if parts.query or parts.fragment:
-        raise ValueError("url must not carry a query or fragment: KiteFeed adds the credentials")
-    try:
-        parse_uri(url)
-    except InvalidURI as exc:
-        raise ValueError(f"url is not a websocket URL: {exc}") from None
-    return url
-
-
-def _base_url(url: str | None, default: str) -> str:
-    return default if url is None else check_url(url)
-
-
-def _query(params: list[tuple[str, str | None]]) -> str:
-    """Percent-encode like aiohttp/yarl (kite-protocol.md §1.2): "+" -> %2B, "=" -> %3D, "/" kept.
-
-    A raw "+" would reach the server as a space and the handshake fail with 400. ``None`` stands
-    for a redacted secret and renders as a literal ``***``.
-    """
-    return "&".join(
-        f"{name}={'***' if value is None else quote(value, safe='/')}" for name, value in params
-    )
-
 
 @dataclass(slots=True)
 class FeedStats:
@@ -213,139 +148,6 @@ class FeedStats:
     last_frame_monotonic: float | None = None
     #: Epoch seconds when the current connection came up; ``None`` while disconnected.
     connected_since: float | None = None
-
-
-class _Event(NamedTuple):
-    """A lifecycle call queued behind the frames that preceded it."""
-
-    handler: str
-    args: tuple[Any, ...]
-
-
-_STOP: Final = _Event("", ())
-
-_Item: TypeAlias = bytes | str | _Event
-
-
-class _Inbox:
-    """Reader -> dispatcher hand-off: bounded for frames, never blocking for long.
-
-    A deque and two events rather than ``asyncio.Queue``: the dispatcher takes what is already
-    there without a coroutine per item, which is most of the hand-off's cost per frame.
-    Lifecycle events are never dropped.
-    """
-
-    def __init__(self, limit: int, max_bytes: int) -> None:
-        self.items: deque[_Item] = deque()
-        #: ``time.monotonic()`` when each waiting frame arrived, oldest first (events have none).
-        self.stamps: deque[float] = deque()
-        self.limit = limit
-        self.max_bytes = max_bytes
-        #: Bytes of the frames waiting (lifecycle events count as nothing).
-        self.size = 0
-        self.ready = asyncio.Event()
-        self._space = asyncio.Event()
-        self._space.set()
-        #: The reader is waiting for room, and since when it last stopped doing so: the
-        #: silence is then ours, not the server's (the watchdog must not call it stale).
-        self.waiting = False
-        self.waited_until = 0.0
-
-    def qsize(self) -> int:
-        return len(self.items)
-
-    def put_nowait(self, item: _Item) -> None:
-        self.items.append(item)
-        self.ready.set()
-
-    def full(self) -> bool:
-        return len(self.items) >= self.limit or self.size >= self.max_bytes
-
-    async def put_frame(self, item: bytes | str, stamp: float, patience: float) -> int:
-        """Enqueue a frame once there is room, waiting at most ``patience`` for the dispatcher
-        to take one; then drop the older half instead. Returns how many frames were dropped."""
-        dropped = 0
-        if self.full():
-            self._space.clear()
-            self.waiting = True
-            try:
-                async with asyncio.timeout(patience):
-                    await self._space.wait()
-            except TimeoutError:
-                dropped = self._drop_older_half()
-            except asyncio.CancelledError:
-                # The reader is being stopped (close, drop): a frame it has read is not lost,
-                # it goes in one over the bound and the dispatcher still gets it.
-                self._append(item, stamp)
-                raise
-            finally:
-                self.waiting = False
-                self.waited_until = time.monotonic()
-        self._append(item, stamp)
-        return dropped
-
-    def _append(self, item: bytes | str, stamp: float) -> None:
-        self.size += len(item)
-        self.stamps.append(stamp)
-        self.put_nowait(item)
-
-    def _drop_older_half(self) -> int:
-        """Make room by dropping the older half of the waiting tick frames.
-
-        Text frames (order updates, Kite's errors) and lifecycle events stay: a tick is
-        superseded by the instrument's next one, an order update by nothing. Only when text frames
-        alone still fill the inbox do the oldest of them go too, so memory stays bounded whatever
-        the server sends. Half at once, not one per new frame: one O(n) pass per many frames.
-        """
-        dropped = self._drop_half(lambda item: type(item) is bytes)
-        if self.full():
-            dropped += self._drop_half(lambda item: True)
-        return dropped
-
-    def _drop_half(self, droppable: Callable[[bytes | str], bool]) -> int:
-        """Drop the older half of the droppable frames, and more, oldest first, while over half
-        of ``max_bytes``."""
-        candidates = sum(
-            1 for item in self.items if not isinstance(item, _Event) and droppable(item)
-        )
-        half_bytes = self.max_bytes // 2
-        dropped = 0
-        items: list[_Item] = []
-        stamps: list[float] = []
-        frame_stamps = iter(self.stamps)
-        for item in self.items:
-            if isinstance(item, _Event):
-                items.append(item)
-                continue
-            stamp = next(frame_stamps)
-            if droppable(item) and (dropped < candidates // 2 or self.size > half_bytes):
-                self.size -= len(item)
-                dropped += 1
-            else:
-                items.append(item)
-                stamps.append(stamp)
-        # In place: the reader and the dispatcher hold these deques.
-        self.items.clear()
-        self.items.extend(items)
-        self.stamps.clear()
-        self.stamps.extend(stamps)
-        return dropped
-
-    async def wait(self) -> None:
-        """Return once there is something to pop."""
-        while not self.items:
-            self.ready.clear()
-            await self.ready.wait()
-
-    def pop(self) -> _Item:
-        items = self.items
-        item = items.popleft()
-        if not isinstance(item, _Event):
-            self.size -= len(item)
-            self.stamps.popleft()
-        if not self._space.is_set() and not self.full():
-            self._space.set()  # room for the reader's frame: it waited for progress only
-        return item
 
 
 class _Dropped(Exception):
@@ -539,14 +341,14 @@ class KiteFeed:
         # The access-token flavour wins when both tokens are given (as in Aio-Trader).
         if access_token:
             self._auth = "access_token"
-            self._secret = _Secret(access_token)
-            self._base = _base_url(url, DEFAULT_KITE_CONNECT_URL)
+            self._secret = Secret(access_token)
+            self._base = base_url(url, DEFAULT_KITE_CONNECT_URL)
             self._headers: dict[str, str] = {"X-Kite-Version": "3"}
         else:
             assert enctoken is not None  # checked above; helps mypy
             self._auth = "enctoken"
-            self._secret = _Secret(enctoken)
-            self._base = _base_url(url, DEFAULT_KITE_WEB_URL)
+            self._secret = Secret(enctoken)
+            self._base = base_url(url, DEFAULT_KITE_WEB_URL)
             self._headers = {}
 
         self.on_tick = on_tick
@@ -569,7 +371,7 @@ class KiteFeed:
         self._closing = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopped.set()
-        self._inbox = _Inbox(queue_size, queue_bytes)
+        self._inbox = Inbox(queue_size, queue_bytes)
         self._drop_logged_at = -1e9
         # handler name -> (when its failure was last logged, failures not logged since)
         self._failure_log: dict[str, tuple[float, int]] = {}
@@ -624,7 +426,7 @@ class KiteFeed:
                 ("agent", "kite3-web"),
                 ("version", "3.0.0"),
             ]
-        return f"{self._base}?{_query(params)}"
+        return f"{self._base}?{query_string(params)}"
 
     def _options(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -636,7 +438,7 @@ class KiteFeed:
             "ping_timeout": 10,
             "close_timeout": 2,  # close() must stay prompt even against a stalled server
             "max_size": 2**22,  # a full-mode frame of 3000 instruments is ~560 KB
-            "logger": _WS_LOGGER,
+            "logger": CLIENT_LOGGER,
         }
         options.update(overrides)
         if "additional_headers" in overrides and self._headers:
@@ -762,7 +564,7 @@ class KiteFeed:
         self._bind_loop()
         self._runner = asyncio.current_task()
         self._stopped.clear()
-        self._inbox = _Inbox(self._queue_size, self._queue_bytes)
+        self._inbox = Inbox(self._queue_size, self._queue_bytes)
         dispatcher = asyncio.create_task(self._dispatch(), name="kite-feed-dispatch")
         self._dispatcher = dispatcher
         try:
@@ -778,7 +580,7 @@ class KiteFeed:
             )
         except AuthError as exc:
             self._log.error("auth_failed", status=exc.status, url=self.redacted_url)
-            self._inbox.put_nowait(_Event("on_error", (exc,)))  # delivered before the drain ends
+            self._inbox.put_nowait(Event("on_error", (exc,)))  # delivered before the drain ends
             raise
         except RetriesExhausted as exc:
             self._log.error(
@@ -786,7 +588,7 @@ class KiteFeed:
                 attempts=exc.attempts,
                 error=f"{type(exc.last_error).__name__}: {exc.last_error}",
             )
-            self._inbox.put_nowait(_Event("on_error", (exc,)))
+            self._inbox.put_nowait(Event("on_error", (exc,)))
             raise
         except asyncio.CancelledError:
             dispatcher.cancel()
@@ -878,13 +680,13 @@ class KiteFeed:
             subscriptions=len(self._subs),
         )
         if not isinstance(exc, _Dropped):
-            self._inbox.put_nowait(_Event("on_error", (exc,)))
-        self._inbox.put_nowait(_Event("on_reconnect", (attempt, wait)))
+            self._inbox.put_nowait(Event("on_error", (exc,)))
+        self._inbox.put_nowait(Event("on_reconnect", (attempt, wait)))
 
     async def _stop_dispatcher(self, dispatcher: asyncio.Task[None], drain: float = 2.0) -> None:
         """Let the dispatcher deliver what is queued (at most ``drain`` s), then stop it."""
         if not dispatcher.done():
-            self._inbox.put_nowait(_STOP)
+            self._inbox.put_nowait(STOP)
             done, _ = await asyncio.wait({dispatcher}, timeout=drain)
             if not done:
                 self._log.warning("dispatch_abandoned", pending=self._inbox.qsize())
@@ -919,7 +721,7 @@ class KiteFeed:
         if announced:
             log = self._log.info if cause == "client" else self._log.warning
             log("disconnected", cause=cause, code=code, reason=reason, uptime=uptime)
-            self._inbox.put_nowait(_Event("on_disconnect", (cause, code, reason)))
+            self._inbox.put_nowait(Event("on_disconnect", (cause, code, reason)))
         if cause == "client" or self._closing.is_set():
             return
         raise _Dropped(cause, code, reason, uptime, served=self._tick_frames > tick_frames)
@@ -979,7 +781,7 @@ class KiteFeed:
             subscriptions=len(self._subs),
             **{mode: len(tokens) for mode, tokens in groups.items()},
         )
-        self._inbox.put_nowait(_Event("on_connect", ()))
+        self._inbox.put_nowait(Event("on_connect", ()))
         return True
 
     async def _serve(self, ws: ClientConnection, opened: float) -> tuple[str, int | None, str]:
@@ -1143,10 +945,10 @@ class KiteFeed:
                         await self._text(item)
                     else:  # raw means every frame, as the reference's parse_data=False
                         await self._call("on_tick", item)
-                elif item is _STOP:
+                elif item is STOP:
                     return
                 else:
-                    assert isinstance(item, _Event)
+                    assert isinstance(item, Event)
                     await self._call(item.handler, *item.args)
             except Exception:  # a bug here must not stop delivery of later frames
                 self._log.exception("dispatch_failed")

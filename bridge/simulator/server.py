@@ -36,7 +36,7 @@ from websockets.frames import EXTERNAL_CLOSE_CODES
 from websockets.http11 import Request, Response
 
 from bridge.kite.codec import FULL_LENGTH, QUOTE_LENGTH, encode_packet
-from bridge.kite.feed import RedactingAdapter
+from bridge.kite.endpoint import RedactingAdapter
 from bridge.kite.records import IST, Mode
 from bridge.simulator.market import Market
 
