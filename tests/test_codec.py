@@ -344,6 +344,21 @@ def test_change_is_zero_when_close_is_zero(tick: Tick) -> None:
     assert isinstance(decoded.change, float)
 
 
+def test_an_unchanged_negative_close_gives_a_change_of_plus_zero() -> None:
+    # (ltp - close) * 100 / close is -0.0 when both are the same negative price (MCX crude in
+    # April 2020); published as "-0.0" it reads like a fall.
+    packet = struct.pack(">Iiiiiii", 9, -100, -100, -100, -100, -100, 0)
+    frame = encode_raw_frame(
+        [packet, struct.pack(">IiIiIIIiiii", 5, -7, 1, -7, 1, 1, 1, 0, 0, 0, -7)]
+    )
+    changes = [
+        tick.change for tick in decode_frame(frame) if isinstance(tick, QuoteTick | IndexQuoteTick)
+    ]
+    assert changes == [0.0, 0.0]
+    assert all(math.copysign(1.0, change) == 1.0 for change in changes)
+    assert [b'"change":0.0' in body for _, body in frame_payloads(frame)] == [True, True]
+
+
 def test_zero_timestamps_are_none() -> None:
     tick = full_tick(last_trade_time=None, exchange_timestamp=None)
     packet = encode_packet(tick)

@@ -309,8 +309,9 @@ class _Writer:
             return f"segment != {_INDICES_SEGMENT}"
         if isinstance(node, _Change) and hint is float:
             last, close = self.price(node.last), self.price(node.close)
-            # pykiteconnect's operations in its order, so the floats match bit for bit.
-            return f"({last} - {close}) * 100 / {close} if {close} else 0.0"
+            # pykiteconnect's operations in its order, so the floats match bit for bit; "+ 0.0"
+            # turns the -0.0 of an unchanged negative close into 0.0 and changes nothing else.
+            return f"({last} - {close}) * 100 / {close} + 0.0 if {close} else 0.0"
         if isinstance(node, str) and get_origin(hint) is Literal and node in get_args(hint):
             return repr(node)
         if type(node) is int and 0 <= node < self.values:
