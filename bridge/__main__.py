@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from bridge.cli import main
+from bridge.process import main
 
-raise SystemExit(main())
+main()

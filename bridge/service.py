@@ -26,7 +26,8 @@ import gc
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
@@ -753,6 +754,26 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
+@contextlib.contextmanager
+def _abandoned_threads(runner: asyncio.Runner) -> Iterator[None]:
+    """Let the loop close without waiting for the threads of its default executor.
+
+    asyncio runs ``getaddrinfo`` there, and a lookup cannot be cancelled: with DNS unreachable
+    it blocks for the resolver's timeout (10 s and more), and ``Runner.close()`` would wait for
+    it after the bridge has stopped, past the 5 s SIGTERM promise. The executor is shut down
+    without waiting and swapped for an empty one that the close has nothing to wait for; the
+    process entry (``bridge.process``) then exits without joining what is left.
+    """
+    loop = runner.get_loop()
+    executor = ThreadPoolExecutor(thread_name_prefix="bridge-blocking")
+    loop.set_default_executor(executor)
+    try:
+        yield
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+
+
 def run(settings: Settings) -> int:
     """Run the bridge on a fresh event loop until it stops; return the process exit code.
 
@@ -769,7 +790,7 @@ def run(settings: Settings) -> int:
         except ImportError:
             _log.warning("uvloop_unavailable", hint="pip install 'kite-redis-bridge[uvloop]'")
     try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
+        with asyncio.Runner(loop_factory=loop_factory) as runner, _abandoned_threads(runner):
             return runner.run(_main(settings))
     except ConfigError:
         raise

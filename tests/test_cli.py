@@ -405,15 +405,15 @@ def clean_env() -> dict[str, str]:
 
 def test_console_script_points_at_main() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert pyproject["project"]["scripts"]["bridge"] == "bridge.cli:main"
+    assert pyproject["project"]["scripts"]["bridge"] == "bridge.process:main"
 
 
 @pytest.mark.parametrize(
     "launcher",
     [
         ["-m", "bridge"],
-        # What the console-script wrapper generated for "bridge.cli:main" does.
-        ["-c", "import sys; from bridge.cli import main; sys.exit(main())"],
+        # What the console-script wrapper generated for "bridge.process:main" does.
+        ["-c", "import sys; from bridge.process import main; sys.exit(main())"],
     ],
     ids=["python -m bridge", "console script"],
 )
