@@ -226,6 +226,24 @@ class ControlConsumer:
         #: the command the new holder has in processing, nor take the next one.
         self._gate = gate
 
+    # -- health ----------------------------------------------------------------------------
+
+    def failing_for(self) -> float | None:
+        """Seconds since Redis began refusing this consumer's work (taking, storing, answering
+        commands); ``None`` while it works. A refusal that never heals (an ACL without
+        ``BLMOVE``, a ``WRONGTYPE`` control key) leaves every command unanswered in the list
+        while ticks flow, so readiness and ``bridge health`` report it."""
+        return self._outage.failing_for()
+
+    @property
+    def failing_since_at(self) -> float | None:
+        """``time.time()`` of the same moment."""
+        return self._outage.since_at
+
+    @property
+    def last_error(self) -> str | None:
+        return self._outage.last_error
+
     # -- start-up --------------------------------------------------------------------------
 
     async def requeue(self) -> int:

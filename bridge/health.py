@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
 
 import redis
 
@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 __all__ = ["check", "main"]
 
 _TIMEOUT = 2.0
+#: Status fields that say since when a part of the bridge's work has failed ("" while it works).
+_FAILING_FIELDS: Final = (
+    ("publish_failing_since", "publishing"),
+    ("control_failing_since", "taking control commands"),
+)
 
 
 def _text(value: bytes | str) -> str:
@@ -47,15 +52,17 @@ def check(
         return False, f"status is stale: updated {age:.1f} s ago (max {max_age:g} s), state {state}"
     if state not in LIVE_STATES:
         return False, f"state is {state or 'missing'}"
-    failing_text = fields.get("publish_failing_since", "")
-    if failing_text:  # absent (an older bridge) or "" when publishing works
+    for field, what in _FAILING_FIELDS:
+        failing_text = fields.get(field, "")
+        if not failing_text:  # absent (an older bridge) or "" while it works
+            continue
         try:
             failing = datetime.fromisoformat(failing_text)
         except ValueError:
-            return False, f"status has no valid publish_failing_since ({failing_text!r})"
+            return False, f"status has no valid {field} ({failing_text!r})"
         failing_for = ((now or datetime.now(UTC)) - failing).total_seconds()
         if failing_for > max_age:
-            return False, f"publishing has failed for {failing_for:.1f} s (since {failing_text})"
+            return False, f"{what} has failed for {failing_for:.1f} s (since {failing_text})"
     return True, f"state {state}, updated {age:.1f} s ago"
 
 

@@ -78,9 +78,10 @@ class Readiness:
     Ready means all of: the websocket is connected, its subscriptions were reconciled with
     ``<ns>:subscriptions`` after the latest connect, a frame arrived within ``max_frame_age``
     (a stalled feed is about to be dropped by the watchdog), Redis accepted a keyspace write
-    within ``max_redis_age``, and ``publishing()`` reports no problem (publishes failing for a
-    while: an ACL denying the tick channels, the namespace lease unconfirmed). Each failed
-    condition adds a reason, so a 503 says what is wrong.
+    within ``max_redis_age``, and neither ``publishing()`` (publishes failing for a while: an ACL
+    denying the tick channels, the namespace lease unconfirmed) nor ``control()`` (Redis
+    refusing to hand over or store commands: an ACL without ``BLMOVE``) reports a problem.
+    Each failed condition adds a reason, so a 503 says what is wrong.
     A standby (bridge/lease.py) is not ready, for that reason alone.
 
     "Writable" means the keyspace, not pub/sub: a Redis out of memory (``noeviction``) or demoted
@@ -101,6 +102,7 @@ class Readiness:
         redis_error: Callable[[], str | None] = lambda: None,
         standby: Callable[[], str | None] = lambda: None,
         publishing: Callable[[], str | None] = lambda: None,
+        control: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._state = state
         self._connected = connected
@@ -110,6 +112,7 @@ class Readiness:
         self._redis_error = redis_error
         self._standby = standby
         self._publishing = publishing
+        self._control = control
         self.max_frame_age = max_frame_age
         self.max_redis_age = max_redis_age
 
@@ -142,9 +145,9 @@ class Readiness:
         if redis_reason is not None:
             error = self._redis_error()
             reasons.append(redis_reason if error is None else f"{redis_reason} ({error})")
-        publish_problem = self._publishing()
-        if publish_problem is not None:
-            reasons.append(publish_problem)
+        for problem in (self._publishing(), self._control()):
+            if problem is not None:
+                reasons.append(problem)
         details = {
             "last_frame_age": _rounded(frame_age),
             "redis_write_age": _rounded(redis_age),

@@ -29,7 +29,15 @@ from redis.exceptions import ResponseError
 
 from bridge.kite.retry import Backoff
 
-__all__ = ["INNER_RETRIES", "SOCKET_TIMEOUT", "InfoRefused", "Outage", "create_redis", "info_field"]
+__all__ = [
+    "INNER_RETRIES",
+    "OUTAGE_REMINDER_INTERVAL",
+    "SOCKET_TIMEOUT",
+    "InfoRefused",
+    "Outage",
+    "create_redis",
+    "info_field",
+]
 
 #: Attempts redis-py makes on top of the first before a call fails to our own loops.
 INNER_RETRIES: Final = 3
@@ -77,13 +85,18 @@ async def info_field(redis: Redis, section: str, field: str) -> str | None:
     return None if value is None else str(value)
 
 
+#: Seconds between the reminders an outage logs while it lasts.
+OUTAGE_REMINDER_INTERVAL: Final = 60.0
+
+
 class Outage:
-    """The outer retry layer of one loop: growing waits, and one log line per outage.
+    """The outer retry layer of one loop: growing waits, and few log lines per outage.
 
     A loop calls :meth:`failed` on every Redis error (it returns how long to wait before the
-    next attempt) and :meth:`recovered` after every success. Only the first failure of an
-    outage logs a warning and only the first success after it logs the recovery, so a
-    minute-long outage writes two lines, not one per tick or per command.
+    next attempt) and :meth:`recovered` after every success. The first failure of an outage logs
+    a warning, then one reminder a minute (``redis_still_unavailable``: a wrong password or a
+    missing ACL permission never heals by itself, and one line an hour ago is easy to miss), and
+    the first success after it logs the recovery: not one line per tick or per command.
     """
 
     def __init__(
@@ -94,24 +107,45 @@ class Outage:
         base_wait: float = 0.1,
         max_wait: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.what = what
         self.failures = 0
+        #: ``time.time()`` of the outage's first failure, and its latest error; ``None`` when
+        #: there is no outage.
+        self.since_at: float | None = None
+        self.last_error: str | None = None
         self._log = logger
         self._backoff = Backoff(base_wait, max_wait, jitter=0)
         self._clock = clock
+        self._wall_clock = wall_clock
         self._since = 0.0
+        self._reminded = 0.0
 
     @property
     def active(self) -> bool:
         return self.failures > 0
 
+    def failing_for(self) -> float | None:
+        """Seconds since the outage's first failure; ``None`` when there is no outage."""
+        return self._clock() - self._since if self.failures else None
+
     def failed(self, error: BaseException) -> float:
         """Count a failure; return the wait before the next attempt (jittered exponential)."""
+        now = self._clock()
+        self.last_error = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         if self.failures == 0:
-            self._since = self._clock()
+            self._since = self._reminded = now
+            self.since_at = self._wall_clock()
+            self._log.warning("redis_unavailable", what=self.what, error=self.last_error)
+        elif now - self._reminded >= OUTAGE_REMINDER_INTERVAL:
+            self._reminded = now
             self._log.warning(
-                "redis_unavailable", what=self.what, error=f"{type(error).__name__}: {error}"
+                "redis_still_unavailable",
+                what=self.what,
+                error=self.last_error,
+                failures=self.failures,
+                outage_seconds=round(now - self._since, 3),
             )
         self.failures += 1
         ceiling = self._backoff.nominal(self.failures - 1)
@@ -127,3 +161,4 @@ class Outage:
                 outage_seconds=round(self._clock() - self._since, 3),
             )
             self.failures = 0
+            self.since_at = self.last_error = None

@@ -59,7 +59,7 @@ from bridge.metrics import BridgeMetrics, LatencyHistogram, TimedTransport
 from bridge.payload import event_json
 from bridge.probes import ProbeServer, Readiness
 from bridge.publisher import Publisher
-from bridge.redis_client import Outage, create_redis
+from bridge.redis_client import SOCKET_TIMEOUT, Outage, create_redis
 from bridge.status import State, StatusCounters, StatusReporter
 from bridge.subscriptions import SubscriptionStore
 from bridge.transports import FencedTransport, UnrepliedTransport
@@ -84,6 +84,14 @@ _FOLLOWED_SHOWN: Final = 20
 #: Publishes failing this long (seconds) make ``/readyz`` say so: longer than a blip that the
 #: next batch heals, shorter than anyone would want to trade on a silent feed.
 PUBLISH_FAILING_AFTER: Final = 2.0
+#: The same for the control consumer. Longer: a Redis restart makes one blocked BLMOVE wait
+#: out its retries, and "redis not writable" already reports a Redis that is down.
+CONTROL_FAILING_AFTER: Final = 5.0
+#: Longest one start-up step waits for Redis before it counts as a failure (logged, and given
+#: in /readyz). redis-py's retries nest (a connection's handshake retried inside a command's
+#: retries, each waiting out the socket timeout): a Redis that accepts connections and never
+#: answers took 82 s to fail once, in silence.
+STARTUP_ATTEMPT_TIMEOUT: Final = 2 * SOCKET_TIMEOUT
 
 
 _log = structlog.get_logger(__name__)
@@ -177,9 +185,10 @@ class Bridge:
                 reconciled=self._reconciled,
                 last_frame_age=self._last_frame_age,
                 redis_write_age=self.metrics.redis_writes.age,
-                redis_error=lambda: self.status.last_error,
+                redis_error=lambda: self.status.last_error or self._startup_error,
                 standby=lambda: self._standby_for,
                 publishing=self._publish_problem,
+                control=self._control_problem,
                 max_frame_age=settings.liveness_timeout,
             )
             self.probes = ProbeServer(
@@ -194,6 +203,8 @@ class Bridge:
         self._resynced_connection = -1
         self._shutdown_timeout = shutdown_timeout
         self._redis_waits = (redis_base_wait, redis_max_wait)
+        #: The latest error of a start-up step still retrying, for /readyz.
+        self._startup_error: str | None = None
         self._install_signals = install_signals
         self._stop = asyncio.Event()
         self._signals = 0
@@ -492,18 +503,28 @@ class Bridge:
         try:
             while True:
                 attempt = asyncio.ensure_future(step())
-                await asyncio.wait({attempt, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if not attempt.done():  # stopping: a connect to a dead host may take seconds
-                    attempt.cancel()
+                await asyncio.wait(
+                    {attempt, stop_wait},
+                    timeout=STARTUP_ATTEMPT_TIMEOUT,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not attempt.done():  # stopping (a connect to a dead host may take seconds)
+                    attempt.cancel()  # or Redis accepted the connection and never answered
                     await asyncio.wait({attempt})
-                    raise _Stopping
+                    if stop_wait.done():
+                        raise _Stopping
                 try:
+                    if attempt.cancelled():
+                        raise TimeoutError(f"no answer from Redis in {STARTUP_ATTEMPT_TIMEOUT:g} s")
                     result = attempt.result()
                 except (RedisError, OSError) as exc:
-                    await asyncio.wait({stop_wait}, timeout=outage.failed(exc))
+                    wait = outage.failed(exc)
+                    self._startup_error = outage.last_error
+                    await asyncio.wait({stop_wait}, timeout=wait)
                     if stop_wait.done():
                         raise _Stopping from None
                     continue
+                self._startup_error = None
                 outage.recovered()
                 return result
         finally:
@@ -619,6 +640,7 @@ class Bridge:
             reconnects_total=stats.reconnects,
             subscriptions=len(self.feed.subscriptions),
             publish_failing_since=_utc(self.publisher.failing_since_at),
+            control_failing_since=_utc(self.control.failing_since_at),
         )
 
     # -- readiness --------------------------------------------------------------------------
@@ -630,6 +652,13 @@ class Bridge:
             return f"publishing failing for {failing:.1f} s ({self.publisher.last_error})"
         if self.lease.held and not self.lease.valid():
             return "namespace lease not confirmed: publishing is held (see bridge/lease.py)"
+        return None
+
+    def _control_problem(self) -> str | None:
+        """Why commands are not being taken or answered, if Redis has refused that for a while."""
+        failing = self.control.failing_for()
+        if failing is not None and failing >= CONTROL_FAILING_AFTER:
+            return f"control commands failing for {failing:.1f} s ({self.control.last_error})"
         return None
 
     def _reconciled(self) -> bool:

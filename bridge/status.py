@@ -61,6 +61,9 @@ class StatusCounters:
     #: Since when every publish has failed (``None`` while publishing works): an addition to
     #: CONTRACT §2, so ``bridge health`` sees ticks that stopped reaching Redis.
     publish_failing_since: datetime | None = None
+    #: Since when Redis has refused the control consumer's work (``None`` while it works), for
+    #: the same reason: commands left unanswered while everything else looks fine.
+    control_failing_since: datetime | None = None
 
 
 class StatusReporter:
@@ -114,6 +117,7 @@ class StatusReporter:
             "reconnects_total": counters.reconnects_total,
             "subscriptions": counters.subscriptions,
             "publish_failing_since": iso(counters.publish_failing_since),
+            "control_failing_since": iso(counters.control_failing_since),
             "version": self._version,
             "pid": self._pid,
             "updated_at": iso(self._now()),

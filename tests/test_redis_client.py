@@ -7,6 +7,7 @@ from typing import Any
 import fakeredis
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from bridge.redis_client import InfoRefused, Outage, info_field
 
@@ -53,6 +54,34 @@ def test_one_warning_per_outage_and_one_recovery_line() -> None:
     assert outage.failures == 0
     # The next outage starts over from the base wait.
     assert outage.failed(ConnectionError("down")) <= 0.1
+
+
+NOPERM = "NOPERM User bridge has no permissions to run the 'blmove' command"
+
+
+def _state(outage: Outage) -> tuple[float | None, float | None, str | None]:
+    return outage.failing_for(), outage.since_at, outage.last_error
+
+
+def test_a_long_outage_is_recalled_once_a_minute_and_says_since_when() -> None:
+    log, now = Log(), [100.0]
+    outage = Outage("control", log, clock=lambda: now[0], wall_clock=lambda: 1_700_000_000.0)
+    assert _state(outage) == (None, None, None)
+    for _ in range(150):  # one failure a second for 150 s
+        outage.failed(ResponseError(NOPERM))
+        now[0] += 1
+    assert [event for _, event, _ in log.lines] == [
+        "redis_unavailable",
+        "redis_still_unavailable",
+        "redis_still_unavailable",
+    ]
+    assert log.lines[1][2]["outage_seconds"] == 60.0
+    assert log.lines[2][2]["failures"] == 120
+    assert outage.failing_for() == 150.0
+    assert outage.since_at == 1_700_000_000.0
+    assert outage.last_error == f"ResponseError: {NOPERM}"
+    outage.recovered()
+    assert _state(outage) == (None, None, None)
 
 
 @pytest.mark.parametrize(("base_wait", "max_wait"), [(-1.0, 1.0), (2.0, 1.0)])

@@ -443,6 +443,41 @@ async def test_sigterm_while_waiting_for_redis_exits_0(start_bridge: StartBridge
     assert took < 5.0
 
 
+async def test_a_redis_that_never_answers_is_reported_within_seconds(
+    start_bridge: StartBridge,
+) -> None:
+    """Redis accepts the connection and never replies (a hung server, a broken proxy): the
+    start-up says so in the log and in /readyz after one bounded attempt, not after redis-py's
+    nested retries (82 s, silent)."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def swallow(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # read nothing, answer nothing, keep it open
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        bridge = await start_bridge(
+            REDIS_URL=f"redis://127.0.0.1:{port}/0", BRIDGE_HTTP_PORT=str(free_port())
+        )
+        await wait_until(lambda: '"redis_unavailable"' in bridge.log.read_text(), within=20)
+        (line,) = bridge.log_events("redis_unavailable")
+        assert line["what"] == "startup:ping"
+        assert "no answer from Redis in 10 s" in line["error"]
+        code, body = await bridge.readiness()
+        assert code == 503
+        assert any("no answer from Redis" in reason for reason in body["reasons"])
+        assert accepted  # it did reach the "server"
+        code, took = await bridge.stop()
+        assert code == 0
+        assert took < 5.0
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_second_signal_forces_exit(
     start_bridge: StartBridge, private_redis: MakeRedis
 ) -> None:
@@ -508,6 +543,61 @@ async def test_ticks_refused_by_an_acl_make_the_bridge_unready_and_unhealthy(
 
         await wait_until(bridge.ready, within=20)
         assert bridge.alive()
+    finally:
+        await admin.aclose()
+    code, _ = await bridge.stop()
+    assert code == 0
+
+
+async def test_commands_refused_by_an_acl_make_the_bridge_unready_and_unhealthy(
+    start_bridge: StartBridge, namespace: str, private_redis: MakeRedis
+) -> None:
+    """An ACL without BLMOVE: ticks flow, the status stays fresh and "connected", yet no command
+    is ever taken. /readyz and the HEALTHCHECK must say so, and the command waiting in the list
+    must be applied once the ACL is fixed."""
+    server = await private_redis()
+    admin = Redis.from_url(server.url)
+    await admin.execute_command(  # type: ignore[no-untyped-call]
+        "ACL", "SETUSER", "bridge", "on", ">pw", f"~{namespace}:*", "allchannels", "+@all",
+        "-blmove",
+    )  # fmt: skip
+    url = server.url.replace("redis://", "redis://bridge:pw@")
+    bridge = await start_bridge(REDIS_URL=url, BRIDGE_HTTP_PORT=str(free_port()))
+    try:
+        await admin.rpush(
+            f"{namespace}:control", f'{{"id": "w1", "action": "subscribe", "tokens": [{INFY}]}}'
+        )
+
+        async def unready_for_commands() -> bool:
+            try:
+                code, body = await bridge.readiness()
+            except OSError:  # not listening yet
+                return False
+            return code == 503 and any("control commands failing" in r for r in body["reasons"])
+
+        await wait_until(unready_for_commands, within=20)
+        _, body = await bridge.readiness()
+        assert body["state"] == "connected"  # all else looks fine
+        assert any("NoPermissionError" in reason for reason in body["reasons"])
+        await asyncio.sleep(1.5)
+        health = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "health", "--max-age", "1",
+            env=bridge_env(REDIS_URL=url, BRIDGE_NAMESPACE=namespace),
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, stderr = await health.communicate()
+        assert health.returncode == 1
+        assert b"taking control commands has failed" in stderr
+        assert await admin.llen(f"{namespace}:control") == 1  # waiting, not lost
+        # The ACL fixed: the waiting command is applied and answered, and the bridge is ready.
+        await admin.execute_command(  # type: ignore[no-untyped-call]
+            "ACL", "SETUSER", "bridge", "+blmove"
+        )
+        reply = await admin.blpop([f"{namespace}:reply:w1"], timeout=15)
+        assert reply is not None
+        assert orjson.loads(reply[1])["ok"] is True
+        assert await admin.hgetall(f"{namespace}:subscriptions") == {str(INFY).encode(): b"quote"}
+        await wait_until(bridge.ready, within=20)
     finally:
         await admin.aclose()
     code, _ = await bridge.stop()

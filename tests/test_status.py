@@ -68,6 +68,7 @@ async def test_every_field_is_written_with_iso_times(redis: Redis) -> None:
         "reconnects_total": "2",
         "subscriptions": "3",
         "publish_failing_since": "",
+        "control_failing_since": "",
         "version": __version__,
         "pid": "4242",
         "updated_at": "2026-01-02T03:04:08+00:00",
@@ -170,6 +171,25 @@ NOW_TEXT = NOW.isoformat().encode()
             {b"state": b"connected", b"updated_at": NOW_TEXT, b"publish_failing_since": b"x"},
             False,
             "publish_failing_since",
+        ),
+        (  # commands refused for 30 s (an ACL without BLMOVE): none is applied or answered
+            {
+                b"state": b"connected",
+                b"updated_at": NOW_TEXT,
+                b"publish_failing_since": b"",
+                b"control_failing_since": b"2026-05-01T11:59:30+00:00",
+            },
+            False,
+            "taking control commands has failed for 30.0 s",
+        ),
+        (  # a blip
+            {
+                b"state": b"connected",
+                b"updated_at": NOW_TEXT,
+                b"control_failing_since": b"2026-05-01T11:59:57+00:00",
+            },
+            True,
+            "connected",
         ),
     ],
 )
