@@ -20,11 +20,14 @@ Two policies for when ticks arrive faster than they are published:
 * **Redis is down, stalled or slow** (an outage; no batch completed for ``stall_timeout``; or a
   round trip of ``slow_round_trip`` or more while the feed is ``max_lag`` behind): waiting
   would not make the bridge faster, only every tick later. No waiting, so the websocket keeps
-  being read and decoded at full speed. Ticks queue in arrival order up to
-  ``max_pending``; past that the buffer is *conflated*: only the newest tick per instrument is
-  kept and every tick thrown away is counted in ``stats.replaced``. Memory is bounded by
-  ``max_pending`` ticks plus one per instrument (at most Kite's 3000 subscriptions), and
-  subscribers get the latest state of every instrument as soon as Redis answers again.
+  being read and decoded at full speed. Ticks queue in arrival order up to ``max_pending``;
+  past that, or once a round trip has failed, the buffer is *conflated*: only the newest tick
+  per instrument is kept and every tick thrown away is counted in ``stats.replaced``. Behind a
+  failed round trip the waiting ticks are already stale, and ``ltp``/``quote`` ticks carry no
+  timestamp: replayed in order after the outage they would pass for live prices. Memory is
+  bounded by ``max_pending`` ticks plus one per instrument (at most Kite's 3000
+  subscriptions), and subscribers get the latest state of every instrument as soon as Redis
+  answers again.
 
 Nothing is lost silently. Events and order updates are rarer and matter more: they sit in their
 own queue of ``max_events`` (oldest dropped past that, counted in ``stats.events_dropped``) and
@@ -311,6 +314,8 @@ class Publisher:
             if not isinstance(exc, NotLeaseholder):  # held back, never sent
                 self.stats.maybe_duplicated += len(ticks) // 2
             self._put_back(events, ticks)
+            if self._frames:  # behind an outage, in-order ticks would only arrive stale
+                self._conflate("outage")
             if self.failing_since is None:
                 self.failing_since, self.failing_since_at = time.monotonic(), time.time()
             self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -379,7 +384,7 @@ class Publisher:
             self._frames.append(flat)
             self._buffered += len(flat) // 2
             if self._buffered > self._max_pending:
-                self._conflate()
+                self._conflate("max_pending")
         else:
             it = iter(flat)
             for channel, message in zip(it, it, strict=True):
@@ -402,12 +407,13 @@ class Publisher:
         self._events.append((channel, message))
         self._kick()
 
-    def _conflate(self) -> None:
-        latest: dict[bytes, bytes] = {}
+    def _conflate(self, reason: Literal["max_pending", "outage"]) -> None:
+        latest: dict[bytes, bytes] = {} if self._latest is None else self._latest
+        kept = len(latest)
         for flat in self._frames:
             it = iter(flat)
             latest.update(zip(it, it, strict=True))  # later pairs win: the newest per channel
-        self.stats.replaced += self._buffered - len(latest)
+        self.stats.replaced += self._buffered + kept - len(latest)
         self._frames.clear()
         self._buffered = 0
         self._latest = latest
@@ -416,6 +422,7 @@ class Publisher:
             self._conflate_logged_at = now
             _log.warning(
                 "publish_backlog_conflating",
+                reason=reason,
                 max_pending=self._max_pending,
                 replaced_total=self.stats.replaced,
             )
@@ -458,7 +465,7 @@ class Publisher:
             self._frames.appendleft(ticks)  # one "frame": a batch is only ever whole frames
             self._buffered += len(ticks) // 2
             if self._buffered > self._max_pending:
-                self._conflate()
+                self._conflate("max_pending")
             return
         # Conflated: the failed ticks are older than anything buffered since.
         it = iter(ticks)

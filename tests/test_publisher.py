@@ -110,7 +110,11 @@ async def test_batch_max_bounds_round_trips_but_never_splits_a_frame(redis: Redi
     assert publisher.stats.published == 14
 
 
-async def test_a_failed_batch_goes_back_whole_and_is_sent_whole(redis: Redis) -> None:
+async def test_behind_a_failed_round_trip_the_backlog_is_conflated(
+    redis: Redis, listener: PubSub
+) -> None:
+    """Once a round trip fails, the ticks waiting are already stale: when Redis answers again
+    each instrument's newest goes out, not seconds of old prices replayed as if live."""
     transport = GatedTransport(redis)
     publisher = Publisher(
         redis, NS, transport=transport, batch_max=3, base_wait=0.001, max_wait=0.01
@@ -123,14 +127,22 @@ async def test_a_failed_batch_goes_back_whole_and_is_sent_whole(redis: Redis) ->
         return await inner(flat)
 
     transport.inner = counting  # type: ignore[assignment]
-    publisher.submit_payloads(payloads(0, 2))
-    publisher.submit_payloads(payloads(2, 4))
+    publisher.submit_payloads(payloads(0, 2))  # tokens 1, 2
+    publisher.submit_payloads(payloads(2, 4))  # tokens 3, 4, 5, 1 (newer)
     transport.fail = True
     assert not await publisher.send_once()  # the 2-tick frame fails and goes back
+    publisher.submit_payloads(payloads(6, 2))  # tokens 2, 3 again, during the outage
     transport.fail = False
     while publisher.pending:
         assert await publisher.send_once()
-    assert sizes == [2, 4]
+    assert sizes == [3, 2]
+    got = dict(await received(listener, 5))
+    assert got == {
+        f"{NS}:ticks:{token}": b'{"n":%d}' % n
+        for token, n in [(1, 5), (2, 6), (3, 7), (4, 3), (5, 4)]
+    }
+    stats = publisher.stats
+    assert (stats.published, stats.replaced, stats.errors) == (5, 3, 1)
 
 
 async def test_overflow_keeps_only_the_newest_tick_per_token(
