@@ -30,11 +30,14 @@ from redis.exceptions import ResponseError
 from bridge.kite.retry import Backoff
 
 __all__ = [
+    "ACL_COMMANDS",
+    "ACL_OPTIONAL_COMMANDS",
     "INNER_RETRIES",
     "OUTAGE_REMINDER_INTERVAL",
     "SOCKET_TIMEOUT",
     "InfoRefused",
     "Outage",
+    "acl_rules",
     "create_redis",
     "info_field",
 ]
@@ -43,6 +46,38 @@ __all__ = [
 INNER_RETRIES: Final = 3
 #: Seconds a command (blocking ones included) may wait for its reply.
 SOCKET_TIMEOUT: Final = 5.0
+
+
+#: What the bridge sends to Redis (``bridge run``, ``bridge health``, ``check-config --connect``):
+#: a least-privilege ACL grants these on the namespace's keys and channels
+#: (:func:`acl_rules`, docs/operators.md). AUTH and HELLO are always allowed.
+ACL_COMMANDS: Final = (
+    # connection set-up and the unreplied transport
+    "ping", "client|setname", "client|reply",
+    # ticks, events, the lease's and the Lua transport's scripts
+    "publish", "evalsha", "script|load",
+    # status, subscriptions, lease
+    "hset", "hgetall", "hlen", "del", "exists", "get", "set", "pexpire",
+    # the control list, replies, dead letters
+    "blmove", "lmove", "llen", "lrem", "ltrim", "rpush", "expire",
+    "multi", "exec", "discard", "watch", "unwatch",
+)  # fmt: skip
+#: Read-only checks the bridge does without when refused (persistence, eviction, restarts,
+#: replicas): grant them too, or it warns that it cannot tell.
+ACL_OPTIONAL_COMMANDS: Final = ("info", "config|get", "role")
+
+
+def acl_rules(namespace: str, *, optional: bool = True) -> list[str]:
+    """The ``ACL SETUSER <user> on ><password> ...`` rules of a least-privilege bridge user."""
+    commands = ACL_COMMANDS + (ACL_OPTIONAL_COMMANDS if optional else ())
+    return [
+        "resetkeys",
+        f"~{namespace}:*",
+        "resetchannels",
+        f"&{namespace}:*",
+        "-@all",
+        *(f"+{command}" for command in commands),
+    ]
 
 
 def create_redis(

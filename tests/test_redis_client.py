@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import fakeredis
@@ -9,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from bridge.redis_client import InfoRefused, Outage, info_field
+from bridge.redis_client import ACL_OPTIONAL_COMMANDS, InfoRefused, Outage, acl_rules, info_field
 
 
 class Log:
@@ -108,3 +109,11 @@ async def test_info_field_against_a_real_server(redis_url: str) -> None:
         assert await info_field(client, "server", "no_such_field") is None
     finally:
         await client.aclose()
+
+
+def test_the_operators_guide_shows_the_acl_the_bridge_is_tested_with() -> None:
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "operators.md").read_text()
+    block = guide.split("redis-cli ACL SETUSER kite-bridge on '>CHANGE-ME' ", 1)[1].split("```")[0]
+    shown = [word.strip("'").replace("\\|", "|") for word in block.split() if word != "\\"]
+    assert shown == acl_rules("kite")
+    assert ACL_OPTIONAL_COMMANDS == ("info", "config|get", "role")  # the three the guide names

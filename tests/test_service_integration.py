@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from bridge.kite.codec import encode_raw_frame
-from bridge.redis_client import create_redis
+from bridge.redis_client import acl_rules, create_redis
 from bridge.simulator.server import Simulator
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -496,6 +496,58 @@ async def test_a_second_signal_forces_exit(
     assert code == 128 + signal.SIGINT
     assert took < 0.5
     assert '"forced exit"' in bridge.log.read_text()
+
+
+@pytest.mark.parametrize("optional", [True, False], ids=["with checks", "least"])
+async def test_the_documented_acl_is_all_the_bridge_needs(
+    start_bridge: StartBridge,
+    sim: Simulator,
+    namespace: str,
+    private_redis: MakeRedis,
+    optional: bool,
+) -> None:
+    """A Redis user with only ``acl_rules`` (docs/operators.md): ticks, commands, replies,
+    status and health all work, and nothing is refused along the way."""
+    server = await private_redis()
+    admin = Redis.from_url(server.url)
+    await admin.execute_command(  # type: ignore[no-untyped-call]
+        "ACL", "SETUSER", "bridge", "on", ">pw", *acl_rules(namespace, optional=optional)
+    )
+    url = server.url.replace("redis://", "redis://bridge:pw@")
+    bridge = await start_bridge(
+        REDIS_URL=url, BRIDGE_HTTP_PORT=str(free_port()), BRIDGE_SUBSCRIBE=f"full:{INFY}"
+    )
+    listener = Listener(server.url, namespace)
+    await listener.start()
+    try:
+        await wait_until(bridge.ready, within=20)
+        await wait_until(lambda: bool(listener.ticks(INFY)), within=10)
+        result = await command(
+            admin, namespace, {"id": "acl", "action": "subscribe", "tokens": [RELIANCE]}
+        )
+        assert result["ok"] is True
+        await wait_until(lambda: bool(listener.ticks(RELIANCE)), within=10)
+        health = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "health",
+            env=bridge_env(REDIS_URL=url, BRIDGE_NAMESPACE=namespace),
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, stderr = await health.communicate()
+        assert health.returncode == 0, stderr
+        metrics = await bridge.metrics()
+        assert metrics["bridge_control_redis_errors_total"] == 0
+        assert metrics["bridge_publish_errors_total"] == 0
+        assert await bridge.ready()
+        # ACL LOG: every command the bridge was refused (none), whatever path it took.
+        denied = await admin.acl_log()
+        refused = {str(entry["object"]) for entry in denied}
+        allowed_missing = {"info", "config|get", "role"} if not optional else set()
+        assert refused <= allowed_missing, refused
+    finally:
+        await listener.close()
+        await admin.aclose()
+    code, _ = await bridge.stop()
+    assert code == 0
 
 
 async def test_ticks_refused_by_an_acl_make_the_bridge_unready_and_unhealthy(
