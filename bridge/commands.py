@@ -14,7 +14,7 @@ Decisions beyond the contract:
 * JSON keys other than ``id``, ``action``, ``mode``, ``tokens`` and ``all`` are rejected, so a
   typo such as ``"mdoe"`` cannot silently fall back to the default mode; so is a key given
   twice, which JSON parsers would silently resolve to the last value.
-* A command is at most 64 KiB.
+* A command is at most 256 KiB.
 """
 
 from __future__ import annotations
