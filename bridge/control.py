@@ -229,10 +229,13 @@ class ControlConsumer:
     # -- health ----------------------------------------------------------------------------
 
     def failing_for(self) -> float | None:
-        """Seconds since Redis began refusing this consumer's work (taking, storing, answering
-        commands); ``None`` while it works. A refusal that never heals (an ACL without
+        """Seconds since the steps this consumer retries began failing in a row (taking a
+        command, applying it to the stored set; and sending its result while Redis is
+        unreachable); ``None`` while they work. A refusal that never heals (an ACL without
         ``BLMOVE``, a ``WRONGTYPE`` control key) leaves every command unanswered in the list
-        while ticks flow, so readiness and ``bridge health`` report it."""
+        while ticks flow, so readiness and ``bridge health`` report it. Single writes Redis
+        refuses inside an applied command (a reply, a dead letter) are not retried and not
+        counted here: they are logged and in ``bridge_control_write_errors_total``."""
         return self._outage.failing_for()
 
     @property

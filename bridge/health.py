@@ -71,7 +71,10 @@ def main(settings: Settings, max_age: float = 10.0, *, stderr: TextIO | None = N
     err = sys.stderr if stderr is None else stderr
     key = f"{settings.namespace}:status"
     client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=_TIMEOUT, socket_connect_timeout=_TIMEOUT
+        settings.redis_url,
+        socket_timeout=_TIMEOUT,
+        socket_connect_timeout=_TIMEOUT,
+        driver_info=None,  # no CLIENT SETINFO (see redis_client.create_redis)
     )
     try:
         status = client.hgetall(key)

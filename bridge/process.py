@@ -64,9 +64,12 @@ def exit_process(code: int) -> NoReturn:
             threads=stuck,
             hint="a host name lookup (DNS) or other blocking call was still running",
         )
-    logging.shutdown()  # flush the handlers: os._exit skips every clean-up
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+    try:
+        logging.shutdown()  # flush the handlers: os._exit skips every clean-up
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    except (OSError, ValueError):  # a closed pipe: nothing more can be said anyway
+        pass
     os._exit(code)
 
 

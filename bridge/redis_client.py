@@ -52,8 +52,8 @@ SOCKET_TIMEOUT: Final = 5.0
 #: a least-privilege ACL grants these on the namespace's keys and channels
 #: (:func:`acl_rules`, docs/operators.md). AUTH and HELLO are always allowed.
 ACL_COMMANDS: Final = (
-    # connection set-up and the unreplied transport
-    "ping", "client|setname", "client|reply",
+    # connection set-up (SELECT for a database other than 0) and the unreplied transport
+    "ping", "select", "client|setname", "client|reply",
     # ticks, events, the lease's and the Lua transport's scripts
     "publish", "evalsha", "script|load",
     # status, subscriptions, lease
@@ -100,6 +100,9 @@ def create_redis(
         socket_connect_timeout=connect_timeout,
         health_check_interval=health_check_interval,
         client_name=client_name,
+        # No CLIENT SETINFO: it only labels the connection, and a least-privilege ACL on Redis
+        # 7.2+ would log a refusal for every connection (7.0 has no such subcommand to grant).
+        driver_info=None,
     )
 
 

@@ -509,12 +509,13 @@ class Bridge:
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if not attempt.done():  # stopping (a connect to a dead host may take seconds)
-                    attempt.cancel()  # or Redis accepted the connection and never answered
-                    await asyncio.wait({attempt})
+                    # or Redis accepted the connection and never answered. Bounded: redis-py
+                    # may swallow a cancel (bridge/cancel.py), and a stop must not wait on it.
+                    await cancel_and_wait([attempt], timeout=1.0)
                     if stop_wait.done():
                         raise _Stopping
                 try:
-                    if attempt.cancelled():
+                    if not attempt.done() or attempt.cancelled():  # abandoned if still running
                         raise TimeoutError(f"no answer from Redis in {STARTUP_ATTEMPT_TIMEOUT:g} s")
                     result = attempt.result()
                 except (RedisError, OSError) as exc:

@@ -509,15 +509,16 @@ async def test_the_documented_acl_is_all_the_bridge_needs(
     """A Redis user with only ``acl_rules`` (docs/operators.md): ticks, commands, replies,
     status and health all work, and nothing is refused along the way."""
     server = await private_redis()
-    admin = Redis.from_url(server.url)
+    # Database 1: connecting SELECTs it, which the rules must allow.
+    admin = Redis.from_url(server.url.rsplit("/", 1)[0] + "/1")
     await admin.execute_command(  # type: ignore[no-untyped-call]
         "ACL", "SETUSER", "bridge", "on", ">pw", *acl_rules(namespace, optional=optional)
     )
-    url = server.url.replace("redis://", "redis://bridge:pw@")
+    url = server.url.replace("redis://", "redis://bridge:pw@").rsplit("/", 1)[0] + "/1"
     bridge = await start_bridge(
         REDIS_URL=url, BRIDGE_HTTP_PORT=str(free_port()), BRIDGE_SUBSCRIBE=f"full:{INFY}"
     )
-    listener = Listener(server.url, namespace)
+    listener = Listener(url.replace("bridge:pw@", ""), namespace)
     await listener.start()
     try:
         await wait_until(bridge.ready, within=20)
@@ -581,7 +582,7 @@ async def test_ticks_refused_by_an_acl_make_the_bridge_unready_and_unhealthy(
         assert any("NoPermissionError" in reason for reason in body["reasons"])
         await asyncio.sleep(1.5)
         health = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bridge", "health", "--max-age", "1",
+            sys.executable, "-m", "bridge", "health", "--max-age", "3",
             env=bridge_env(REDIS_URL=url, BRIDGE_NAMESPACE=namespace),
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
@@ -633,7 +634,7 @@ async def test_commands_refused_by_an_acl_make_the_bridge_unready_and_unhealthy(
         assert any("NoPermissionError" in reason for reason in body["reasons"])
         await asyncio.sleep(1.5)
         health = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bridge", "health", "--max-age", "1",
+            sys.executable, "-m", "bridge", "health", "--max-age", "3",
             env=bridge_env(REDIS_URL=url, BRIDGE_NAMESPACE=namespace),
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
