@@ -259,6 +259,8 @@ def test_access_token_needs_a_real_api_key(monkeypatch: pytest.MonkeyPatch) -> N
         ),
         ("REDIS_URL", "redis://h/-1", "REDIS_URL: the path must be empty or a database number"),
         ("REDIS_URL", "redis://h/0/1", "REDIS_URL: the path must be empty or a database number"),
+        ("BRIDGE_HTTP_PORT", "-1", "BRIDGE_HTTP_PORT: input should be greater than or equal to 0"),
+        ("BRIDGE_LIVENESS_TIMEOUT", "0", "BRIDGE_LIVENESS_TIMEOUT: input should be greater than 0"),
     ],
 )
 def test_invalid_values_give_one_line_naming_the_env_var(

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from helpers import ROOT, bridge_env, free_port, wait_until
 
 from bridge import service
@@ -29,11 +30,18 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_sigterm_while_bridge_run_is_still_importing_exits_0() -> None:
-    # The signal arrives while the CLI module is being imported, long before the service's loop
-    # could install a handler: without the entry's own handler the process dies with -15.
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        # Long before the service's loop could install a handler: without the entry's own
+        # handler the process dies with -15.
+        ("run", 0),
+        ("check-config", -15),  # only `bridge run` promises exit 0 on SIGTERM
+    ],
+)
+def test_sigterm_while_the_cli_is_still_importing(command: str, code: int) -> None:
     done = _python(
-        """
+        f"""
         import os, signal, sys, time
 
         class SignalDuringImport:
@@ -45,30 +53,10 @@ def test_sigterm_while_bridge_run_is_still_importing_exits_0() -> None:
 
         sys.meta_path.insert(0, SignalDuringImport())
         from bridge.process import main
-        main(["run"])
+        main([{command!r}])
         """
     )
-    assert done.returncode == 0, done.stderr
-
-
-def test_other_commands_keep_the_default_sigterm() -> None:
-    done = _python(
-        """
-        import os, signal, sys, time
-
-        class SignalDuringImport:
-            def find_spec(self, name, path=None, target=None):
-                if name == "bridge.cli":
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    time.sleep(5)
-                return None
-
-        sys.meta_path.insert(0, SignalDuringImport())
-        from bridge.process import main
-        main(["check-config"])
-        """
-    )
-    assert done.returncode == -15
+    assert done.returncode == code, done.stderr
 
 
 def test_the_process_exits_with_its_code_without_joining_a_stuck_thread() -> None:

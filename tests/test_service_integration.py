@@ -528,13 +528,8 @@ async def test_the_documented_acl_is_all_the_bridge_needs(
         )
         assert result["ok"] is True
         await wait_until(lambda: bool(listener.ticks(RELIANCE)), within=10)
-        health = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bridge", "health",
-            env=bridge_env(REDIS_URL=url, BRIDGE_NAMESPACE=namespace),
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        _, stderr = await health.communicate()
-        assert health.returncode == 0, stderr
+        code, stderr = await _health(url, namespace, max_age=10)
+        assert code == 0, stderr
         metrics = await bridge.metrics()
         assert metrics["bridge_control_redis_errors_total"] == 0
         assert metrics["bridge_publish_errors_total"] == 0
@@ -549,6 +544,41 @@ async def test_the_documented_acl_is_all_the_bridge_needs(
         await admin.aclose()
     code, _ = await bridge.stop()
     assert code == 0
+
+
+async def _unready_for(bridge: BridgeProcess, reason: str) -> bool:
+    """Whether /readyz answers 503 with a reason containing ``reason`` (False until it listens)."""
+    try:
+        code, body = await bridge.readiness()
+    except OSError:
+        return False
+    return code == 503 and any(reason in r for r in body["reasons"])
+
+
+async def _health(url: str, namespace: str, max_age: float) -> tuple[int | None, bytes]:
+    """``bridge health --max-age`` as the HEALTHCHECK runs it: exit code and stderr."""
+    health = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "health", "--max-age", str(max_age),
+        env=bridge_env(REDIS_URL=url, BRIDGE_NAMESPACE=namespace),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await health.communicate()
+    return health.returncode, stderr
+
+
+async def _refused_yet_connected(
+    bridge: BridgeProcess, url: str, namespace: str, reason: str, unhealthy: bytes
+) -> None:
+    """/readyz fails with ``reason`` (Redis's NOPERM) while all else looks fine, and so does
+    ``bridge health`` once the failure is older than its ``--max-age``."""
+    await wait_until(lambda: _unready_for(bridge, reason), within=20)
+    _, body = await bridge.readiness()
+    assert body["state"] == "connected"
+    assert any("NoPermissionError" in r for r in body["reasons"])
+    await asyncio.sleep(1.5)
+    code, stderr = await _health(url, namespace, max_age=3)
+    assert code == 1
+    assert unhealthy in stderr
 
 
 async def test_ticks_refused_by_an_acl_make_the_bridge_unready_and_unhealthy(
@@ -568,27 +598,9 @@ async def test_ticks_refused_by_an_acl_make_the_bridge_unready_and_unhealthy(
         REDIS_URL=url, BRIDGE_HTTP_PORT=str(free_port()), BRIDGE_SUBSCRIBE=f"full:{INFY}"
     )
     try:
-
-        async def unready_for_publishing() -> bool:
-            try:
-                code, body = await bridge.readiness()
-            except OSError:  # not listening yet
-                return False
-            return code == 503 and any("publishing failing" in r for r in body["reasons"])
-
-        await wait_until(unready_for_publishing, within=20)
-        _, body = await bridge.readiness()
-        assert body["state"] == "connected"  # all else looks fine
-        assert any("NoPermissionError" in reason for reason in body["reasons"])
-        await asyncio.sleep(1.5)
-        health = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bridge", "health", "--max-age", "3",
-            env=bridge_env(REDIS_URL=url, BRIDGE_NAMESPACE=namespace),
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        _, stderr = await health.communicate()
-        assert health.returncode == 1
-        assert b"publishing has failed" in stderr
+        await _refused_yet_connected(
+            bridge, url, namespace, "publishing failing", b"publishing has failed"
+        )
         # The ACL fixed: publishing resumes by itself and the bridge is ready again.
         await admin.execute_command(  # type: ignore[no-untyped-call]
             "ACL", "SETUSER", "bridge", "allchannels"
@@ -620,27 +632,9 @@ async def test_commands_refused_by_an_acl_make_the_bridge_unready_and_unhealthy(
         await admin.rpush(
             f"{namespace}:control", f'{{"id": "w1", "action": "subscribe", "tokens": [{INFY}]}}'
         )
-
-        async def unready_for_commands() -> bool:
-            try:
-                code, body = await bridge.readiness()
-            except OSError:  # not listening yet
-                return False
-            return code == 503 and any("control commands failing" in r for r in body["reasons"])
-
-        await wait_until(unready_for_commands, within=20)
-        _, body = await bridge.readiness()
-        assert body["state"] == "connected"  # all else looks fine
-        assert any("NoPermissionError" in reason for reason in body["reasons"])
-        await asyncio.sleep(1.5)
-        health = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bridge", "health", "--max-age", "3",
-            env=bridge_env(REDIS_URL=url, BRIDGE_NAMESPACE=namespace),
-            stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        _, stderr = await health.communicate()
-        assert health.returncode == 1
-        assert b"taking control commands has failed" in stderr
+        await _refused_yet_connected(
+            bridge, url, namespace, "control commands failing", b"taking control commands"
+        )
         assert await admin.llen(f"{namespace}:control") == 1  # waiting, not lost
         # The ACL fixed: the waiting command is applied and answered, and the bridge is ready.
         await admin.execute_command(  # type: ignore[no-untyped-call]
