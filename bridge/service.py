@@ -462,9 +462,7 @@ class Bridge:
         async with self._sync_lock:
             if self._resync_task is not None and not self._resync_task.done():
                 return  # a (re)connect's resync is about to do the same
-            async with self.store.lock:
-                known = self.store.known
-                desired = await self.store.load()  # a restarted server's loss is repaired here
+            known, desired = await self.store.reload()  # a restarted server's loss is repaired
             if desired == known:
                 return  # nothing changed but by the bridge, which reconciles its own writes
             current = self.feed.subscriptions

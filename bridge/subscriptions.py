@@ -103,9 +103,12 @@ class SubscriptionStore:
         self._evicted: int | None = None
         #: How many times a restarted Redis server's lost or older set was written back.
         self.restored = 0
-        #: Held while a write of the set is in flight until :meth:`remember` (and by readers
-        #: that compare the hash with :attr:`known`), so a reader never takes the bridge's own
-        #: write, committed but not yet remembered, for an outside edit.
+        #: Held by every read of the set (:meth:`load`, :meth:`reload`, :meth:`merge`) and by a
+        #: writer from before its write until :meth:`remember`, so :attr:`known` is always what
+        #: the latest of them saw: a read answered before a concurrent command's commit but
+        #: finished after it would otherwise leave the pre-command set in :attr:`known`, and a
+        #: later Redis restart would write that stale set back (a subscription lost). It also
+        #: keeps a reader from taking the bridge's own committed write for an outside edit.
         self.lock = asyncio.Lock()
 
     @property
@@ -115,6 +118,19 @@ class SubscriptionStore:
 
     async def load(self) -> dict[int, Mode]:
         """The desired set; rewritten from memory if a restarted Redis server lost or aged it."""
+        _, desired = await self.reload()
+        return desired
+
+    async def reload(self) -> tuple[dict[int, Mode], dict[int, Mode]]:
+        """The set this process knew before reading, and the desired set read (:meth:`load`).
+
+        Both under the lock, so a difference between them is a change made outside the bridge.
+        """
+        async with self.lock:
+            known = dict(self._known)
+            return known, await self._read()
+
+    async def _read(self) -> dict[int, Mode]:
         server_id = await self._current_server_id()
         while True:
             raw = await self._redis.hgetall(self.key)
@@ -151,7 +167,7 @@ class SubscriptionStore:
                 found=len(desired),
                 subscriptions=len(self._known),
             )
-            await self.replace(self._known)
+            await self._write(self._known)
             self.restored += 1
             desired = dict(self._known)
         self._server_id = server_id
@@ -206,6 +222,10 @@ class SubscriptionStore:
             pipe.hset(self.key, mapping=encode_subscriptions(desired))
 
     async def replace(self, desired: Mapping[int, Mode]) -> None:
+        async with self.lock:
+            await self._write(desired)
+
+    async def _write(self, desired: Mapping[int, Mode]) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
             self.queue_replace(pipe, desired)
             await pipe.execute()
@@ -213,12 +233,13 @@ class SubscriptionStore:
 
     async def merge(self, extra: Mapping[int, Mode]) -> dict[int, Mode]:
         """Add ``extra`` (its modes win) and return the whole resulting set, atomically."""
-        self._server_id = await self._current_server_id()
-        async with self._redis.pipeline(transaction=True) as pipe:
-            if extra:
-                pipe.hset(self.key, mapping=encode_subscriptions(extra))
-            pipe.hgetall(self.key)
-            replies = await pipe.execute()
-        desired = decode_subscriptions(replies[-1], self.key, self._invalid)
-        self.remember(desired)
-        return desired
+        async with self.lock:
+            self._server_id = await self._current_server_id()
+            async with self._redis.pipeline(transaction=True) as pipe:
+                if extra:
+                    pipe.hset(self.key, mapping=encode_subscriptions(extra))
+                pipe.hgetall(self.key)
+                replies = await pipe.execute()
+            desired = decode_subscriptions(replies[-1], self.key, self._invalid)
+            self.remember(desired)
+            return desired

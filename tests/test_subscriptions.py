@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import fakeredis
@@ -253,3 +254,52 @@ async def test_a_restart_in_the_middle_of_a_read_is_not_taken_for_a_del(
     assert await redis.hgetall(KEY) == {b"1": b"ltp", b"2": b"full"}
     [restored] = [entry for entry in logs if entry["event"] == "subscriptions_restored"]
     assert restored["reason"] == "the Redis server restarted and lost the set"
+
+
+async def test_a_read_overtaken_by_a_commit_does_not_leave_a_stale_set_in_memory(
+    store: SubscriptionStore, redis: Redis, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reconnect's resync reads the hash while a command commits: HGETALL answered before
+    the EXEC, the read finishing after the command's ``remember``. Without the lock around the
+    read the store then remembered the pre-command set, and a later Redis restart wrote that
+    stale set back: the command's subscription lost (seen as a flaky integration test)."""
+    await store.load()
+    answered, resume = asyncio.Event(), asyncio.Event()
+    hgetall = redis.hgetall
+
+    async def slow_hgetall(key: str) -> object:
+        reply = await hgetall(key)
+        answered.set()
+        await resume.wait()  # the reply is in, the read not yet finished
+        return reply
+
+    monkeypatch.setattr(redis, "hgetall", slow_hgetall)
+    read = asyncio.create_task(store.load())
+    await answered.wait()
+    monkeypatch.setattr(redis, "hgetall", hgetall)
+
+    async def commit() -> None:  # what the control consumer does (bridge/control.py _commit)
+        async with store.lock, redis.pipeline(transaction=True) as pipe:
+            store.queue_replace(pipe, {7: "full"})
+            await pipe.execute()
+            store.remember({7: "full"})
+
+    committed = asyncio.create_task(commit())
+    await asyncio.sleep(0.01)
+    resume.set()
+    assert await read == {}  # read before the commit: right for its caller at the time
+    await committed
+    assert store.known == {7: "full"}
+    await redis.flushall()  # a restart without persistence
+    server.run_id = "second"
+    assert await store.load() == {7: "full"}
+    assert await redis.hgetall(KEY) == {b"7": b"full"}
+
+
+async def test_reload_returns_what_was_known_before_the_read(
+    store: SubscriptionStore, redis: Redis
+) -> None:
+    await store.replace({1: "ltp"})
+    await redis.hset(KEY, "2", "full")  # an operator's hand edit
+    assert await store.reload() == ({1: "ltp"}, {1: "ltp", 2: "full"})
+    assert await store.reload() == ({1: "ltp", 2: "full"}, {1: "ltp", 2: "full"})
