@@ -70,7 +70,7 @@ from bridge.cancel import checkpoint
 from bridge.commands import CommandError, apply_command, parse_command
 from bridge.kite.records import Mode
 from bridge.payload import command_result, dead_letter
-from bridge.redis_client import Outage
+from bridge.redis_client import Outage, Recovery
 from bridge.subscriptions import SubscriptionStore
 
 __all__ = ["ControlConsumer", "ControlStats", "Outcome", "WriteFailure"]
@@ -108,18 +108,6 @@ def _aborted(exc: BaseException) -> bool:
 
 def _wrong_type(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
-
-
-async def _pause(delay: float, stop: asyncio.Event | None) -> None:
-    """Sleep ``delay``, cut short by ``stop`` so a retry loop never holds up shutdown."""
-    if stop is None:
-        await asyncio.sleep(delay)
-        return
-    try:
-        async with asyncio.timeout(delay):
-            await stop.wait()
-    except TimeoutError:
-        pass
 
 
 def _stopping(stop: asyncio.Event | None) -> bool:
@@ -202,6 +190,7 @@ class ControlConsumer:
         dead_max: int = 1000,
         reply_ttl: int = 300,
         gate: Callable[[], bool] = lambda: True,
+        recovery: Recovery | None = None,
     ) -> None:
         self.stats = ControlStats()
         self.control_key = f"{namespace}:control"
@@ -218,7 +207,9 @@ class ControlConsumer:
         self._block_timeout = block_timeout
         # fakeredis's BLMOVE returns at once on an empty list: never busy-spin on it.
         self._idle_sleep = idle_sleep
-        self._outage = Outage("control", _log, base_wait=base_wait, max_wait=max_wait)
+        self._outage = Outage(
+            "control", _log, base_wait=base_wait, max_wait=max_wait, recovery=recovery
+        )
         self._dead_max = dead_max
         self._reply_ttl = reply_ttl
         #: Whether this bridge may take commands now: the namespace lease is confirmed. A holder
@@ -294,13 +285,13 @@ class ControlConsumer:
                         continue
                 except _UNAVAILABLE as exc:
                     self.stats.redis_errors += 1
-                    await self._sleep(self._outage.failed(exc), stop_wait)
+                    await self._outage.pause(self._outage.failed(exc), stop)
                     continue
                 except RedisError as exc:  # e.g. WRONGTYPE, OOM, READONLY
                     self.stats.redis_errors += 1
                     if not self._outage.active:  # once per outage, not on every retry
                         _log.error("control_take_failed", error=str(exc), key=self.control_key)
-                    await self._sleep(self._outage.failed(exc), stop_wait)
+                    await self._outage.pause(self._outage.failed(exc), stop)
                     continue
                 self._outage.recovered()
                 if raw is None:
@@ -349,6 +340,15 @@ class ControlConsumer:
         outcome: Outcome | None = None
         failures: list[WriteFailure] = []
         while True:
+            if not self._gate():
+                # Cut off from Redis for longer than the lease allows: another bridge may have
+                # taken over, re-queued this command and applied newer ones. A commit now
+                # would write this bridge's older set over theirs.
+                if _stopping(stop):
+                    log.warning("command_left_in_processing", error="namespace lease not held")
+                    return None
+                await self._outage.pause(self._idle_sleep, stop)
+                continue
             try:
                 if outcome is None:
                     outcome = await self._decide_from_redis(raw, log)
@@ -359,7 +359,7 @@ class ControlConsumer:
                 if _stopping(stop):
                     log.warning("command_left_in_processing", error=_describe(exc))
                     return None
-                await _pause(self._outage.failed(exc), stop)
+                await self._outage.pause(self._outage.failed(exc), stop)
             except RedisError as exc:
                 # Refused as a whole, nothing applied: EXECABORT (e.g. OOM under noeviction,
                 # NOPERM) or another refusal of the request. A server condition: wait it out.
@@ -372,7 +372,7 @@ class ControlConsumer:
                 if _stopping(stop):
                     log.warning("command_left_in_processing", error=_describe(exc))
                     return None
-                await _pause(self._outage.failed(exc), stop)
+                await self._outage.pause(self._outage.failed(exc), stop)
         self._outage.recovered()
 
         # The state transaction ran: from here on nothing of it is ever re-run.
@@ -561,7 +561,7 @@ class ControlConsumer:
                 if _stopping(stop):
                     log.warning("command_result_unsent", id=outcome.id, error=_describe(exc))
                     return
-                await _pause(self._outage.failed(exc), stop)
+                await self._outage.pause(self._outage.failed(exc), stop)
             except RedisError as exc:
                 self._write_failed(WriteFailure(ANSWER, self.events_channel, exc), log)
                 return

@@ -60,7 +60,7 @@ from redis.exceptions import RedisError
 from bridge.cancel import cancel_and_wait, checkpoint
 from bridge.kite.records import Tick
 from bridge.payload import tick_json
-from bridge.redis_client import Outage
+from bridge.redis_client import Outage, Recovery
 from bridge.transports import (
     LuaTransport,
     NotLeaseholder,
@@ -121,6 +121,7 @@ class Publisher:
         max_wait: float = 5.0,
         keepalive: float | None = 10.0,
         clock: Callable[[], float] = time.perf_counter,
+        recovery: Recovery | None = None,
     ) -> None:
         if max_pending < 1 or batch_max < 1 or max_events < 1:
             raise ValueError("max_pending, batch_max and max_events must be positive")
@@ -157,7 +158,9 @@ class Publisher:
             self._transport = PipelineTransport(redis)
         else:
             self._transport = transport
-        self._outage = Outage("publish", _log, base_wait=base_wait, max_wait=max_wait)
+        self._outage = Outage(
+            "publish", _log, base_wait=base_wait, max_wait=max_wait, recovery=recovery
+        )
         self._channels: dict[int, bytes] = {}
         # Ready ticks in arrival order while under max_pending, one flat list per frame (channel,
         # message, channel, message...); _buffered counts their ticks. Once conflating: channel ->
@@ -321,7 +324,7 @@ class Publisher:
             self.last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             wait = self._outage.failed(exc)
             self._progress.set()  # a waiting feed stops waiting: the outage policy applies
-            await asyncio.sleep(wait)
+            await self._outage.pause(wait)
             return False
         except BaseException:  # cancelled mid-flight (shutdown): keep the batch for flush
             self._sending_since = None

@@ -6,7 +6,9 @@ Two layers of retrying, on purpose:
   under a second): a few quick attempts, capped well under a second. ``Redis.from_url`` gets no
   retries at all unless given ``retry=`` (ecosystem-notes §2b), hence the explicit object here.
 * Our own loops (publisher, control consumer, status writer, start-up) handle *outages* of
-  minutes: they back off up to ``max_wait``, log once per outage and recover by themselves.
+  minutes: they back off up to ``max_wait``, log once per outage and recover by themselves. They
+  share one :class:`Recovery`: the first loop to reach Redis again (the status writer tries every
+  half second) wakes the others, so ticks and commands do not sit out the rest of a backoff.
 
 Keeping the inner layer short matters: it runs inside every call, so long inner retries would
 stall shutdown and hide outages from the outer loops that count and report them.
@@ -17,6 +19,7 @@ against a 5 s socket timeout), otherwise redis-py raises ``TimeoutError`` and re
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Callable
@@ -37,6 +40,7 @@ __all__ = [
     "SOCKET_TIMEOUT",
     "InfoRefused",
     "Outage",
+    "Recovery",
     "acl_rules",
     "create_redis",
     "info_field",
@@ -127,6 +131,35 @@ async def info_field(redis: Redis, section: str, field: str) -> str | None:
 OUTAGE_REMINDER_INTERVAL: Final = 60.0
 
 
+class Recovery:
+    """Wakes every loop backing off from an outage as soon as one of them reaches Redis again.
+
+    Each loop backs off on its own schedule; after a long outage the publisher and the control
+    consumer wait up to ``max_wait`` between attempts, so without this the ticks and commands of
+    a restarted Redis resumed up to 5 s after the status writer had already written to it
+    (measured: 4.4 s after a 20 s outage).
+    """
+
+    def __init__(self) -> None:
+        self._answered = asyncio.Event()
+
+    def announce(self) -> None:
+        """Redis answered a loop that had been failing: wake every loop waiting now."""
+        self._answered.set()
+        self._answered = asyncio.Event()
+
+    async def wait(self, delay: float, stop: asyncio.Event | None = None) -> None:
+        """Sleep up to ``delay``: less when Redis is announced back, or ``stop`` is set."""
+        waiters = {asyncio.ensure_future(self._answered.wait())}
+        if stop is not None:
+            waiters.add(asyncio.ensure_future(stop.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+
 class Outage:
     """The outer retry layer of one loop: growing waits, and few log lines per outage.
 
@@ -146,8 +179,11 @@ class Outage:
         max_wait: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        recovery: Recovery | None = None,
     ) -> None:
         self.what = what
+        #: Shared by the loops of one bridge; a private one wakes nobody else.
+        self.recovery = Recovery() if recovery is None else recovery
         self.failures = 0
         #: ``time.time()`` of the outage's first failure, and its latest error; ``None`` when
         #: there is no outage.
@@ -190,8 +226,14 @@ class Outage:
         # Equal jitter: never below half the ceiling, so a dead server is not hammered.
         return ceiling / 2 + random.random() * ceiling / 2
 
+    async def pause(self, delay: float, stop: asyncio.Event | None = None) -> None:
+        """Wait out ``delay`` (from :meth:`failed`), cut short when another loop of the same
+        :class:`Recovery` reaches Redis again or ``stop`` is set."""
+        await self.recovery.wait(delay, stop)
+
     def recovered(self) -> None:
         if self.failures:
+            self.recovery.announce()
             self._log.info(
                 "redis_recovered",
                 what=self.what,

@@ -59,7 +59,7 @@ from bridge.metrics import BridgeMetrics, LatencyHistogram, TimedTransport
 from bridge.payload import event_json
 from bridge.probes import ProbeServer, Readiness
 from bridge.publisher import Publisher
-from bridge.redis_client import SOCKET_TIMEOUT, Outage, create_redis
+from bridge.redis_client import SOCKET_TIMEOUT, Outage, Recovery, create_redis
 from bridge.status import State, StatusCounters, StatusReporter
 from bridge.subscriptions import SubscriptionStore
 from bridge.transports import FencedTransport, UnrepliedTransport
@@ -143,6 +143,8 @@ class Bridge:
         self._standby_for: str | None = None
         # Timed per batch, never per tick: the publisher exists before the metrics do.
         latency = LatencyHistogram()
+        # One for every loop that retries Redis: the first back wakes the rest.
+        self.recovery = Recovery()
         self.publisher = Publisher(
             self.redis,
             ns,
@@ -152,6 +154,7 @@ class Bridge:
             max_lag=settings.max_lag,
             base_wait=redis_base_wait,
             max_wait=redis_max_wait,
+            recovery=self.recovery,
         )
         self.feed = feed or self._make_feed()
         self._wire(self.feed)
@@ -164,8 +167,9 @@ class Bridge:
             base_wait=redis_base_wait,
             max_wait=redis_max_wait,
             gate=self.lease.valid,
+            recovery=self.recovery,
         )
-        self.status = StatusReporter(self.redis, ns, self._counters)
+        self.status = StatusReporter(self.redis, ns, self._counters, recovery=self.recovery)
         # Successful status writes (every 0.5 s) prove Redis takes keyspace writes. Publishes
         # do not count: an OOM or read-only Redis still takes PUBLISH (see Readiness).
         self.metrics = BridgeMetrics(
@@ -385,7 +389,9 @@ class Bridge:
         keep failing, and the next success reopens it.
         """
         base_wait, max_wait = self._redis_waits
-        outage = Outage("lease", _log, base_wait=base_wait, max_wait=max_wait)
+        outage = Outage(
+            "lease", _log, base_wait=base_wait, max_wait=max_wait, recovery=self.recovery
+        )
         while True:
             checkpoint()  # a cancel swallowed inside redis-py (bridge/cancel.py) ends us here
             await asyncio.sleep(LEASE_RENEW_INTERVAL)
@@ -463,10 +469,14 @@ class Bridge:
             if self._resync_task is not None and not self._resync_task.done():
                 return  # a (re)connect's resync is about to do the same
             known, desired = await self.store.reload()  # a restarted server's loss is repaired
-            if desired == known:
-                return  # nothing changed but by the bridge, which reconciles its own writes
             current = self.feed.subscriptions
             if desired == current:
+                return
+            if desired == known:
+                # The bridge's own write, about to be reconciled by its command; or an outside
+                # edit that another read took in first (a `list` or a rejected command loads
+                # the set but reconciles nothing): either way the feed must follow it.
+                await self.feed.reconcile(desired)
                 return
             added = sorted(token for token in desired if token not in current)
             removed = sorted(token for token in current if token not in desired)
@@ -683,7 +693,9 @@ class Bridge:
         """
         connection = self.feed.stats.connections
         base_wait, max_wait = self._redis_waits
-        outage = Outage("resync", _log, base_wait=base_wait, max_wait=max_wait)
+        outage = Outage(
+            "resync", _log, base_wait=base_wait, max_wait=max_wait, recovery=self.recovery
+        )
         while not self._stop.is_set():
             checkpoint()
             try:
@@ -691,7 +703,7 @@ class Bridge:
                     desired = await self.store.load()
                     await self.feed.reconcile(desired)
             except (RedisError, OSError) as exc:
-                await asyncio.sleep(outage.failed(exc))
+                await outage.pause(outage.failed(exc), self._stop)
                 continue
             outage.recovered()
             self._resynced_connection = connection

@@ -20,7 +20,7 @@ from redis.typing import EncodableT, FieldT
 
 from bridge import __version__
 from bridge.cancel import checkpoint
-from bridge.redis_client import Outage
+from bridge.redis_client import Outage, Recovery
 
 __all__ = [
     "LIVE_STATES",
@@ -79,6 +79,7 @@ class StatusReporter:
         version: str = __version__,
         pid: int | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        recovery: Recovery | None = None,
     ) -> None:
         self.key = f"{namespace}:status"
         self._redis = redis
@@ -87,7 +88,7 @@ class StatusReporter:
         self._version = version
         self._pid = os.getpid() if pid is None else pid
         self._now = now
-        self._outage = Outage("status", _log)
+        self._outage = Outage("status", _log, recovery=recovery)
         self._changed = asyncio.Event()
         self.state: State = "starting"
         self.since = now()

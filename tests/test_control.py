@@ -836,3 +836,45 @@ async def test_a_lost_connection_is_still_retried_until_redis_is_back(
         assert live.feed.calls == [{4: "quote"}]
     finally:
         await live.close()
+
+
+async def test_a_commit_retried_after_the_lease_was_lost_does_not_overwrite_the_new_holder(
+    redis: Redis,
+) -> None:
+    """Bridge A takes a command and reads the set, then is cut off for longer than the lease.
+    B takes over, re-queues and applies that command and a newer one. A's commit, retried from
+    memory once Redis answers again, wrote A's older set over B's (token 3 lost)."""
+    await redis.hset(SUBS, "1", "ltp")
+    lease = {"valid": True}
+    a = ControlConsumer(
+        redis, NS, SubscriptionStore(redis, NS), default_mode="ltp",
+        base_wait=0.01, max_wait=0.01, gate=lambda: lease["valid"],
+    )  # fmt: skip
+    b = ControlConsumer(redis, NS, SubscriptionStore(redis, NS), default_mode="ltp")
+    first = b'{"action": "subscribe", "tokens": [2]}'
+    newer = b'{"action": "subscribe", "tokens": [3]}'
+    await redis.rpush(PROCESSING, first)  # A's BLMOVE took it
+    commit = a._commit
+    calls = 0
+
+    async def partitioned_commit(raw: bytes, outcome: Any) -> list[WriteFailure]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # A is cut off, its lease expires, B takes over and works on
+            lease["valid"] = False
+            await b.requeue()
+            taken = await redis.lpop(CONTROL)
+            assert taken == first
+            for raw_b in (taken, newer):
+                await b.handle(raw_b)
+            raise RedisConnectionError("partitioned")
+        return await commit(raw, outcome)
+
+    a._commit = partitioned_commit  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    handled = asyncio.create_task(a.handle(first, stop))
+    await asyncio.sleep(0.2)  # A retries while it no longer holds the lease
+    assert calls == 1
+    stop.set()  # A's renewal finds the lease taken: the bridge stops
+    assert await handled is None  # left for whoever holds the namespace
+    assert await redis.hgetall(SUBS) == {b"1": b"ltp", b"2": b"ltp", b"3": b"ltp"}

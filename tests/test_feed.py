@@ -1093,3 +1093,42 @@ def test_a_feed_can_be_reused_under_a_new_event_loop() -> None:
     asyncio.run(session(feed))
     assert rec.count("connect") == 2
     assert feed.stats.connections == 2
+
+
+class _BlockingSocket:
+    """Sends block after the first message, as with a full write buffer."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.first = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def send(self, message: str) -> None:
+        if self.sent:
+            await self.release.wait()
+        self.sent.append(message)
+        self.first.set()
+
+
+async def test_a_reconcile_cancelled_mid_send_still_tells_kite_everything() -> None:
+    """The replay set changes before the messages go out: a caller cancelled between two of
+    them left Kite without the rest, and the next reconcile of the same set sent nothing."""
+    feed = KiteFeed(api_key="k", access_token="t", batch_size=1)
+    ws = _BlockingSocket()
+    feed._ws = ws  # type: ignore[assignment]
+    first = asyncio.create_task(feed.reconcile({1: "ltp", 2: "ltp"}))
+    await asyncio.wait_for(ws.first.wait(), 5)
+    first.cancel()
+    await asyncio.sleep(0.01)
+    assert not first.done()  # the cancellation waits for the send...
+    ws.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await first  # ...and is then raised
+    await feed.reconcile({1: "ltp", 2: "ltp"})
+    subscribed = {
+        token
+        for message in map(orjson.loads, ws.sent)
+        if message["a"] == "subscribe"
+        for token in message["v"]
+    }
+    assert subscribed == {1, 2}

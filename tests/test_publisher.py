@@ -9,6 +9,7 @@ from typing import Any
 import fakeredis
 import orjson
 import pytest
+import structlog
 from helpers import MakeRedis, ltp, quote, wait_until
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -18,7 +19,7 @@ from structlog.testing import capture_logs
 from bridge.kite.records import Tick
 from bridge.payload import tick_json
 from bridge.publisher import Publisher
-from bridge.redis_client import create_redis
+from bridge.redis_client import Outage, Recovery, create_redis
 from bridge.transports import FencedTransport, PipelineTransport
 
 NS = "t"
@@ -242,6 +243,25 @@ async def test_outage_keeps_pending_logs_once_and_recovers(
     assert [channel for channel, _ in got] == [f"{NS}:events", f"{NS}:ticks:1", f"{NS}:ticks:2"]
     assert publisher.stats.published == 2
     assert publisher.pending == 0
+
+
+async def test_a_publisher_deep_in_its_backoff_sends_as_soon_as_another_loop_reaches_redis(
+    redis: Redis, server: fakeredis.FakeServer, listener: PubSub
+) -> None:
+    recovery = Recovery()
+    publisher, _ = make(redis, base_wait=30, max_wait=60, recovery=recovery)
+    status = Outage("status", structlog.get_logger("test"), recovery=recovery)
+    publisher.submit([ltp(1, 1.0)])
+    server.connected = False
+    status.failed(ConnectionError("down"))
+    sending = asyncio.create_task(publisher.send_once())  # fails, then waits 15-30 s
+    await wait_until(lambda: publisher.stats.errors == 1, within=2)
+    server.connected = True
+    status.recovered()  # the status writer's next write went through
+    assert await asyncio.wait_for(sending, 5) is False
+    assert await publisher.send_once()
+    got = await received(listener, 1)
+    assert [channel for channel, _ in got] == [f"{NS}:ticks:1"]
 
 
 async def test_a_batch_held_back_by_the_lease_fence_cannot_be_a_duplicate(redis: Redis) -> None:

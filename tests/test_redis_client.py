@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,14 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from bridge.redis_client import ACL_OPTIONAL_COMMANDS, InfoRefused, Outage, acl_rules, info_field
+from bridge.redis_client import (
+    ACL_OPTIONAL_COMMANDS,
+    InfoRefused,
+    Outage,
+    Recovery,
+    acl_rules,
+    info_field,
+)
 
 
 class Log:
@@ -117,3 +126,43 @@ def test_the_operators_guide_shows_the_acl_the_bridge_is_tested_with() -> None:
     shown = [word.strip("'").replace("\\|", "|") for word in block.split() if word != "\\"]
     assert shown == acl_rules("kite")
     assert ACL_OPTIONAL_COMMANDS == ("info", "config|get", "role")  # the three the guide names
+
+
+async def test_a_loop_backing_off_is_woken_when_another_loop_reaches_redis() -> None:
+    """After a long outage the publisher may be 5 s into its backoff when Redis returns; the
+    status writer, trying every half second, gets there first and wakes it."""
+    recovery = Recovery()
+    publish = Outage("publish", Log(), recovery=recovery)
+    status = Outage("status", Log(), recovery=recovery)
+    status.failed(ConnectionError("down"))
+    publish.failed(ConnectionError("down"))
+    started = time.monotonic()
+    pausing = asyncio.create_task(publish.pause(60))
+    await asyncio.sleep(0.05)
+    assert not pausing.done()
+    status.recovered()
+    await asyncio.wait_for(pausing, 5)
+    assert time.monotonic() - started < 5
+    # Only a recovery from an outage wakes the others: a success of a healthy loop does not.
+    pausing = asyncio.create_task(publish.pause(0.3))
+    await asyncio.sleep(0.05)
+    status.recovered()
+    await asyncio.sleep(0.05)
+    assert not pausing.done()
+    await pausing
+
+
+async def test_a_private_recovery_wakes_nobody_else_and_stop_ends_a_pause() -> None:
+    alone, other = Outage("resync", Log()), Outage("status", Log())
+    other.failed(ConnectionError("down"))
+    pausing = asyncio.create_task(alone.pause(0.3))
+    await asyncio.sleep(0.05)
+    other.recovered()
+    await asyncio.sleep(0.05)
+    assert not pausing.done()
+    await pausing
+    stop = asyncio.Event()
+    pausing = asyncio.create_task(alone.pause(60, stop))
+    await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(pausing, 5)

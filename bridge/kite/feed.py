@@ -535,10 +535,33 @@ class KiteFeed:
             self._log.warning("too_many_tokens", tokens=len(self._subs), limit=_MAX_TOKENS)
 
     async def _send(self, messages: list[str]) -> None:
-        """Send now if connected (caller holds the lock); a dead socket is the session's job."""
+        """Send now if connected (caller holds the lock); a dead socket is the session's job.
+
+        Not interrupted half-way: the replay set already holds the change, so a caller
+        cancelled mid-send (the service cancels a resync when the next connection is up) would
+        leave Kite told only part of it, and the next reconcile would find nothing to send. A
+        cancellation waits for the messages to go out (a closed socket ends that at once), then
+        is raised.
+        """
         ws = self._ws
         if ws is None or not messages:
             return
+        sending = asyncio.ensure_future(self._send_all(ws, messages))
+        cancelled = False
+        while not sending.done():
+            try:
+                await asyncio.shield(sending)
+            except asyncio.CancelledError:
+                if sending.cancelled():
+                    raise
+                cancelled = True
+        if cancelled:
+            with contextlib.suppress(Exception):
+                sending.result()  # retrieved: the cancellation is what the caller asked for
+            raise asyncio.CancelledError
+        sending.result()
+
+    async def _send_all(self, ws: ClientConnection, messages: list[str]) -> None:
         try:
             for message in messages:
                 await ws.send(message)
