@@ -232,9 +232,13 @@ class SubscriptionStore:
         self.remember(desired)
 
     async def merge(self, extra: Mapping[int, Mode]) -> dict[int, Mode]:
-        """Add ``extra`` (its modes win) and return the whole resulting set, atomically."""
+        """Add ``extra`` (its modes win) and return the whole resulting set, atomically.
+
+        The set is read first, as :meth:`load` does, so a server restarted since the last read
+        gets the remembered set back before ``extra`` joins it rather than ``extra`` alone.
+        """
         async with self.lock:
-            self._server_id = await self._current_server_id()
+            await self._read()
             async with self._redis.pipeline(transaction=True) as pipe:
                 if extra:
                     pipe.hset(self.key, mapping=encode_subscriptions(extra))

@@ -303,3 +303,16 @@ async def test_reload_returns_what_was_known_before_the_read(
     await redis.hset(KEY, "2", "full")  # an operator's hand edit
     assert await store.reload() == ({1: "ltp"}, {1: "ltp", 2: "full"})
     assert await store.reload() == ({1: "ltp", 2: "full"}, {1: "ltp", 2: "full"})
+
+
+async def test_a_restart_between_the_start_up_read_and_the_merge_keeps_the_stored_set(
+    store: SubscriptionStore, redis: Redis, server: Server
+) -> None:
+    """Start-up loads the set, then merges BRIDGE_SUBSCRIBE into it: a restart in between
+    (no persistence) left only BRIDGE_SUBSCRIBE's tokens."""
+    await redis.hset(KEY, mapping={"1": "ltp"})
+    assert await store.load() == {1: "ltp"}
+    await redis.flushall()
+    server.run_id = "second"
+    assert await store.merge({2: "full"}) == {1: "ltp", 2: "full"}
+    assert await redis.hgetall(KEY) == {b"1": b"ltp", b"2": b"full"}
