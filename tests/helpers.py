@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -34,6 +35,7 @@ __all__ = [
     "ROOT",
     "TOKEN",
     "BridgeProcess",
+    "Calls",
     "Launch",
     "MakeRedis",
     "Metrics",
@@ -111,6 +113,20 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(step)
+
+
+class Calls:
+    """Counts the calls of an async method, replaced through ``monkeypatch``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> None:
+        self.count = 0
+        inner = getattr(owner, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return await inner(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
 
 
 def free_port() -> int:

@@ -6,17 +6,18 @@ fakeredis's BLMOVE never blocks, so the blocking path is covered on the real ser
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import fakeredis
 import orjson
 import pytest
-from helpers import MakeRedis, wait_until
+from helpers import Calls, MakeRedis, wait_until
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from structlog.testing import capture_logs
 
 from bridge.control import ControlConsumer, WriteFailure
@@ -878,3 +879,355 @@ async def test_a_commit_retried_after_the_lease_was_lost_does_not_overwrite_the_
     stop.set()  # A's renewal finds the lease taken: the bridge stops
     assert await handled is None  # left for whoever holds the namespace
     assert await redis.hgetall(SUBS) == {b"1": b"ltp", b"2": b"ltp", b"3": b"ltp"}
+
+
+async def test_a_committed_command_is_remembered_before_any_other_read(
+    redis: Redis, consumer: ControlConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis restart right after a commit, before any other read: the set written back must
+    be the one the command committed, not the one read before it (the subscription lost)."""
+    store = consumer._store
+    run_id = ["first"]
+
+    async def server_id() -> str:
+        return run_id[0]
+
+    monkeypatch.setattr(store, "_current_server_id", server_id)
+    await run_one(redis, consumer, "subscribe ltp 1")
+    await run_one(redis, consumer, "subscribe full 2")
+    assert store.known == {1: "ltp", 2: "full"}
+    await redis.flushall()  # a restart without persistence
+    run_id[0] = "second"
+    assert await store.load() == {1: "ltp", 2: "full"}
+    assert await stored(redis) == {"1": "ltp", "2": "full"}
+
+
+async def test_a_read_overtaken_by_the_consumers_commit_leaves_the_committed_set_known(
+    redis: Redis, consumer: ControlConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit holds the store's lock: a resync's read answered before the EXEC but
+    finishing after it would otherwise leave the pre-command set in memory, for a later Redis
+    restart to write back."""
+    store = consumer._store
+    await redis.rpush(PROCESSING, b"subscribe full 7")
+    outcome = consumer.decide(b"subscribe full 7", {})
+    answered, resume = asyncio.Event(), asyncio.Event()
+    hgetall = redis.hgetall
+
+    async def slow_hgetall(key: str) -> Any:
+        reply = await hgetall(key)
+        answered.set()
+        await resume.wait()
+        return reply
+
+    monkeypatch.setattr(redis, "hgetall", slow_hgetall)
+    read = asyncio.create_task(store.load())
+    await answered.wait()
+    monkeypatch.setattr(redis, "hgetall", hgetall)
+    committed = asyncio.create_task(consumer._commit(b"subscribe full 7", outcome))
+    await asyncio.sleep(0.01)
+    resume.set()
+    assert await read == {}
+    assert await committed == []
+    assert store.known == {7: "full"}
+
+
+async def test_a_refused_read_of_the_set_is_retried_not_taken_for_a_wrong_type(
+    redis: Redis, consumer: ControlConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only WRONGTYPE rejects a command for an unreadable set. Another refusal (NOPERM: an ACL
+    being fixed) is a server condition: the command waits in processing and is applied once
+    Redis lets it, and health reports the failure meanwhile."""
+    load = consumer._store.load
+    refusals = 2
+    failing: list[float | None] = []
+
+    async def refused_load() -> dict[int, Mode]:
+        nonlocal refusals
+        await asyncio.sleep(0)
+        if refusals:
+            refusals -= 1
+            failing.append(consumer.failing_for())
+            raise ResponseError("NOPERM this user has no permissions to run 'hgetall'")
+        return await load()
+
+    monkeypatch.setattr(consumer._store, "load", refused_load)
+    with capture_logs() as logs:
+        result = await run_one(redis, consumer, '{"id": "p", "action": "subscribe", "tokens": [4]}')
+    assert result["ok"] is True
+    assert await stored(redis) == {"4": "quote"}
+    assert await redis.llen(DEAD) == 0
+    assert failing[1] is not None  # reported by health while it lasted
+    assert consumer.failing_for() is None
+    assert [e["event"] for e in logs].count("command_redis_error") == 2
+    assert consumer.stats.rejected == 0
+
+
+@pytest.mark.parametrize(
+    ("command", "error"),
+    [
+        (b'{"id": "w", "action": "subscribe", "mode": "sideways", "tokens": [1]}', "mode"),
+        (b'{"id": "w", "action": "list"}', "internal error: KeyError"),
+    ],
+    ids=["invalid", "parser-bug"],
+)
+async def test_a_bad_command_meeting_an_unreadable_set_is_rejected_for_its_own_reason(
+    redis: Redis,
+    consumer: ControlConsumer,
+    monkeypatch: pytest.MonkeyPatch,
+    command: bytes,
+    error: str,
+) -> None:
+    """With a wrong type at the set's key, an invalid command (or one the parser chokes on)
+    is still answered and dead-lettered, not a crash of the consumer."""
+    await redis.set(SUBS, "hello")
+    if error.startswith("internal"):
+
+        def broken(*_: Any) -> Any:
+            raise KeyError("bug")
+
+        monkeypatch.setattr("bridge.control.parse_command", broken)
+    with capture_logs() as logs:
+        result = await run_one(redis, consumer, command)
+    assert result["ok"] is False
+    assert error in result["error"]
+    assert result["subscriptions"] is None
+    assert await redis.llen(DEAD) == 1
+    if error.startswith("internal"):
+        assert "command_internal_error" in [e["event"] for e in logs]
+
+
+async def test_while_the_lease_is_unconfirmed_the_queue_is_not_touched(
+    redis: Redis, feed: FeedSpy
+) -> None:
+    """With nothing in processing, a bridge whose lease is unconfirmed must not take the next
+    command either: the new holder takes it."""
+    consumer = ControlConsumer(
+        redis, NS, SubscriptionStore(redis, NS), default_mode="quote",
+        reconcile=feed.reconcile, idle_sleep=0.001, gate=lambda: False,
+    )  # fmt: skip
+    await redis.rpush(CONTROL, "subscribe ltp 1")
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert await redis.lrange(CONTROL, 0, -1) == [b"subscribe ltp 1"]
+    assert await redis.llen(PROCESSING) == 0
+
+
+async def test_a_stop_while_the_lease_is_unconfirmed_leaves_the_command_and_says_so(
+    redis: Redis,
+) -> None:
+    consumer = ControlConsumer(
+        redis, NS, SubscriptionStore(redis, NS), default_mode="quote", gate=lambda: False
+    )
+    await redis.rpush(PROCESSING, "subscribe 9")
+    stop = asyncio.Event()
+    stop.set()
+    with capture_logs() as logs:
+        assert await asyncio.wait_for(consumer.handle(b"subscribe 9", stop), 1) is None
+    [left] = [e for e in logs if e["event"] == "command_left_in_processing"]
+    assert left["error"] == "namespace lease not held"
+    assert await redis.lrange(PROCESSING, 0, -1) == [b"subscribe 9"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RedisConnectionError("gone"), ResponseError("NOPERM no permissions to run 'exec'")],
+    ids=["unreachable", "refused"],
+)
+async def test_a_stop_while_redis_fails_the_commit_leaves_the_command_in_processing(
+    redis: Redis, consumer: ControlConsumer, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    """Shutdown must not wait on a Redis that keeps failing: the command stays in processing
+    for the next start (re-queued), and the log says why."""
+    await redis.rpush(PROCESSING, "subscribe 9")
+
+    async def failing_commit(raw: bytes, outcome: Any) -> list[WriteFailure]:
+        await asyncio.sleep(0)
+        raise error
+
+    monkeypatch.setattr(consumer, "_commit", failing_commit)
+    stop = asyncio.Event()
+    stop.set()
+    with capture_logs() as logs:
+        assert await asyncio.wait_for(consumer.handle(b"subscribe 9", stop), 1) is None
+    [left] = [e for e in logs if e["event"] == "command_left_in_processing"]
+    assert type(error).__name__ in left["error"]
+    assert await redis.lrange(PROCESSING, 0, -1) == [b"subscribe 9"]
+    assert await stored(redis) == {}
+
+
+async def test_a_stop_while_the_answer_cannot_be_sent_gives_up_on_it_and_says_so(
+    redis: Redis, consumer: ControlConsumer, monkeypatch: pytest.MonkeyPatch, feed: FeedSpy
+) -> None:
+    async def unreachable(outcome: Any, dead: bool) -> list[WriteFailure]:
+        await asyncio.sleep(0)
+        raise RedisConnectionError("gone")
+
+    monkeypatch.setattr(consumer, "_answer", unreachable)
+    await redis.rpush(PROCESSING, "subscribe 9")
+    stop = asyncio.Event()
+    stop.set()
+    with capture_logs() as logs:
+        outcome = await asyncio.wait_for(consumer.handle(b"subscribe 9", stop), 1)
+    assert outcome is not None
+    assert outcome.ok  # the state change stands
+    assert await stored(redis) == {"9": "quote"}
+    assert "command_result_unsent" in [e["event"] for e in logs]
+    assert feed.calls == [{9: "quote"}]
+
+
+async def test_an_answer_refused_as_a_whole_is_logged_and_never_repeated(
+    redis: Redis, consumer: ControlConsumer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal (not an outage) of the answer pipeline: sending it again would answer the
+    command twice or spin on a refusal that never heals."""
+    calls = 0
+
+    async def refused(outcome: Any, dead: bool) -> list[WriteFailure]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0)
+        if calls == 1:
+            raise ResponseError("NOPERM no permissions to run 'publish'")
+        return []
+
+    monkeypatch.setattr(consumer, "_answer", refused)
+    with capture_logs() as logs:
+        result = await run_one(redis, consumer, "subscribe 5")
+    assert result["ok"] is True
+    assert calls == 1
+    assert consumer.stats.write_errors == 1
+    [failed] = [e for e in logs if e["event"] == "command_write_failed"]
+    assert failed["write"] == "answer"
+
+
+async def test_a_refused_take_is_logged_once_and_reported_until_it_heals(
+    redis: Redis, consumer: ControlConsumer
+) -> None:
+    """A WRONGTYPE control key refuses every BLMOVE: one error line (not one per retry), and
+    health reports it (since when, and why) until it heals, then stops reporting it even
+    though no command arrives."""
+    await redis.set(CONTROL, "junk")
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(consumer.run(stop))
+        await wait_until(lambda: consumer.stats.redis_errors >= 3)
+        assert consumer.failing_for() is not None
+        assert consumer.failing_since_at is not None
+        assert consumer.last_error is not None
+        assert "WRONGTYPE" in consumer.last_error
+        await redis.delete(CONTROL)
+        await wait_until(lambda: consumer.failing_for() is None)
+        stop.set()
+        await asyncio.wait_for(task, 2)
+    assert [e["event"] for e in logs].count("control_take_failed") == 1
+    assert consumer.last_error is None
+
+
+async def test_applied_rejected_and_requeued_commands_are_logged(
+    redis: Redis, consumer: ControlConsumer
+) -> None:
+    """The lines operators follow a command by."""
+    await redis.rpush(PROCESSING, "p1")
+    with capture_logs() as logs:
+        await consumer.requeue()
+        await redis.delete(CONTROL)
+        await run_one(redis, consumer, '{"id": "a", "action": "subscribe", "tokens": [3]}')
+        await run_one(redis, consumer, '{"id": "r", "action": "dance"}')
+    by_event = {e["event"]: e for e in logs}
+    assert by_event["control_requeued"]["count"] == 1
+    applied = by_event["command_applied"]
+    assert (applied["id"], applied["action"], applied["subscriptions"]) == ("a", "subscribe", 1)
+    assert by_event["command_rejected"]["id"] == "r"
+    assert by_event["command_rejected"]["error"]
+
+
+def _fail_once(error: Exception, real: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    failed = False
+
+    async def once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failed
+        if not failed:
+            failed = True
+            await asyncio.sleep(0)
+            raise error
+        return await real(*args, **kwargs)
+
+    return once
+
+
+@pytest.mark.parametrize(
+    ("path", "counters"),
+    [
+        ("take-unreachable", {"redis_errors": 1, "applied": 1}),
+        ("take-refused", {"redis_errors": 1, "applied": 1}),
+        ("commit-refused", {"redis_errors": 1, "applied": 1}),
+        ("set-unreadable", {"redis_errors": 1, "store_errors": 1, "rejected": 1}),
+        ("set-not-stored", {"redis_errors": 1, "store_errors": 1, "rejected": 1}),
+        ("reply-refused", {"redis_errors": 1, "write_errors": 1, "applied": 1}),
+        ("answer-unreachable", {"redis_errors": 1, "applied": 1}),
+    ],
+)
+async def test_every_redis_error_is_counted_once_where_it_belongs(
+    redis: Redis,
+    consumer: ControlConsumer,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+    counters: dict[str, int],
+) -> None:
+    """The ``bridge_control_*`` metrics operators alert on: one error, one count."""
+    unreachable, refused = RedisConnectionError("gone"), ResponseError("NOPERM refused")
+    if path == "take-unreachable":
+        monkeypatch.setattr(redis, "blmove", _fail_once(unreachable, redis.blmove))
+    elif path == "take-refused":
+        monkeypatch.setattr(redis, "blmove", _fail_once(refused, redis.blmove))
+    elif path == "commit-refused":
+        monkeypatch.setattr(consumer, "_commit", _fail_once(refused, consumer._commit))
+    elif path == "set-unreadable":
+        await redis.set(SUBS, "hello")
+    elif path == "set-not-stored":
+        real_queue_replace = consumer._store.queue_replace
+
+        def refused_in_exec(pipe: Any, desired: Mapping[int, Mode]) -> None:
+            real_queue_replace(pipe, desired)
+            pipe.execute_command("HINCRBY", SUBS, "refused", "not-a-number")
+
+        monkeypatch.setattr(consumer._store, "queue_replace", refused_in_exec)
+    elif path == "reply-refused":
+        await redis.set(f"{NS}:reply:x", "foreign")
+    elif path == "answer-unreachable":
+        monkeypatch.setattr(consumer, "_answer", _fail_once(unreachable, consumer._answer))
+    await redis.rpush(CONTROL, '{"id": "x", "action": "subscribe", "tokens": [1]}')
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(consumer.run(stop))
+        await wait_until(lambda: consumer.stats.applied + consumer.stats.rejected == 1)
+        stop.set()
+        await asyncio.wait_for(task, 2)
+    if path.endswith("unreachable"):  # an outage: logged, and waited out with backoff
+        assert [e["event"] for e in logs].count("redis_unavailable") == 1
+    stats = consumer.stats
+    names = ("redis_errors", "write_errors", "store_errors", "applied", "rejected")
+    assert {n: getattr(stats, n) for n in names} == {n: counters.get(n, 0) for n in names}
+
+
+async def test_an_idle_consumer_sleeps_between_empty_takes(
+    redis: Redis, feed: FeedSpy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fakeredis's BLMOVE (and a proxy's) returns at once on an empty queue: without the idle
+    sleep the consumer would spin on Redis at full CPU."""
+    consumer = ControlConsumer(
+        redis, NS, SubscriptionStore(redis, NS), default_mode="quote", idle_sleep=0.05
+    )
+    takes = Calls(monkeypatch, redis, "blmove")
+    stop = asyncio.Event()
+    started = time.monotonic()
+    task = asyncio.create_task(consumer.run(stop))
+    await wait_until(lambda: takes.count >= 3)
+    elapsed = time.monotonic() - started
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    assert elapsed >= 0.09  # three takes with a 0.05 s sleep between them (load only slows it)

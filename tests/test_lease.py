@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import fakeredis
 import orjson
 import pytest
 from helpers import MakeRedis
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from structlog.testing import capture_logs
 
 from bridge.lease import DEFAULT_TTL, LeaseState, NamespaceLease
@@ -239,3 +240,115 @@ async def test_a_redis_that_cannot_persist_keeps_the_gate_open(
         assert await client.publish(f"{namespace}:ticks:1", b"x") == 0  # accepted
     finally:
         await client.aclose()
+
+
+async def test_a_standby_that_saw_the_holder_takes_over_at_once_after_a_clean_stop(
+    client: Redis, namespace: str
+) -> None:
+    """A rolling update: the standby has seen the holder (same server, no restart), the holder
+    stops cleanly. The standby takes over at its next attempt, not a TTL later, and publishes:
+    having waited as a standby is not having lost the lease."""
+    first, second = NamespaceLease(client, namespace), NamespaceLease(client, namespace)
+    assert not second.held
+    assert second.describe_holder() == "unknown"
+    assert await first.acquire() is LeaseState.HELD
+    assert await second.acquire() is LeaseState.TAKEN
+    assert await second.acquire() is LeaseState.TAKEN
+    assert not second.lost
+    assert await first.release()
+    with capture_logs() as logs:
+        assert await second.acquire() is LeaseState.HELD
+    assert logs == []  # no restart grace on the same server
+    assert second.valid()
+    assert not second.lost
+    assert second.holder == second.identity
+
+
+async def test_a_watched_renewal_of_our_own_lease_takes_one_round(
+    server: fakeredis.FakeServer, namespace: str
+) -> None:
+    """Without scripting the renewal extends our key under WATCH; it must not loop until the
+    key expires (the gate would close and a standby could step in meanwhile)."""
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    lease = NamespaceLease(redis, namespace, ttl=60)
+    try:
+        assert await lease.acquire() is LeaseState.HELD
+        await redis.pexpire(lease.key, 30_000)
+        async with asyncio.timeout(1):
+            assert await lease.renew() is LeaseState.HELD
+        assert await redis.pttl(lease.key) > 50_000
+    finally:
+        await redis.aclose()
+
+
+async def test_a_watched_renewal_never_overwrites_a_lease_taken_meanwhile(
+    server: fakeredis.FakeServer, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our key expired; a standby takes it between our GET and our SET: ours must be SET NX,
+    or two bridges would both publish."""
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    lease = NamespaceLease(redis, namespace)
+    try:
+        assert await lease.acquire() is LeaseState.HELD
+        await redis.delete(lease.key)
+        real_set = redis.set
+
+        async def standby_first(*args: Any, **kwargs: Any) -> Any:
+            await real_set(lease.key, b"standby", nx=True)
+            return await real_set(*args, **kwargs)
+
+        monkeypatch.setattr(redis, "set", standby_first)
+        assert await lease.renew() is LeaseState.TAKEN
+        assert lease.lost
+        assert await redis.get(lease.key) == b"standby"
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize("refusal", [OutOfMemoryError, ReadOnlyError])
+async def test_a_redis_refusing_writes_to_everyone_keeps_the_gate_open(
+    server: fakeredis.FakeServer, namespace: str, refusal: type[ResponseError]
+) -> None:
+    """Out of memory or a read-only replica: nobody can take the lease, PUBLISH still works, so
+    the ticks keep flowing; the renewal still raises (a failure to report)."""
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    clock = Clock()
+    lease = NamespaceLease(redis, namespace, clock=clock)
+
+    async def refused(**_: Any) -> Any:
+        raise refusal("refused")
+
+    try:
+        assert await lease.acquire() is LeaseState.HELD
+        lease._renew_script = refused  # type: ignore[assignment]
+        for _ in range(10):
+            clock.now += 1.0
+            with pytest.raises(refusal):
+                await lease.renew()
+            assert lease.valid()
+    finally:
+        await redis.aclose()
+
+
+async def test_another_script_error_is_raised_not_taken_for_scripting_refused(
+    server: fakeredis.FakeServer, namespace: str
+) -> None:
+    """Only NOPERM or an unknown command means scripting is unavailable for good; any other
+    error is raised, and the next renewal uses the script again."""
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    lease = NamespaceLease(redis, namespace)
+
+    async def failing(**_: Any) -> Any:
+        raise ResponseError("ERR Error running script: something transient")
+
+    try:
+        assert await lease.acquire() is LeaseState.HELD
+        lease._renew_script = failing  # type: ignore[assignment]
+        lease._release_script = failing  # type: ignore[assignment]
+        with pytest.raises(ResponseError, match="transient"):
+            await lease.renew()
+        with pytest.raises(ResponseError, match="transient"):
+            await lease.release()
+        assert lease._scripting
+    finally:
+        await redis.aclose()

@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 
 import fakeredis
 import pytest
-from helpers import MakeRedis
+from helpers import Calls, MakeRedis
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from bridge.redis_client import create_redis
 from bridge.subscriptions import SubscriptionStore, decode_subscriptions
 
 KEY = "s:subscriptions"
@@ -316,3 +317,111 @@ async def test_a_restart_between_the_start_up_read_and_the_merge_keeps_the_store
     server.run_id = "second"
     assert await store.merge({2: "full"}) == {1: "ltp", 2: "full"}
     assert await redis.hgetall(KEY) == {b"1": b"ltp", b"2": b"full"}
+
+
+def test_the_largest_instrument_token_is_accepted() -> None:
+    """Kite's tokens are unsigned 32-bit: the top of the range is a valid subscription, one past
+    it is not. A narrower bound would drop a real subscription as a hand-edited bad entry."""
+    raw: dict[bytes | str, bytes | str] = {
+        b"4294967295": b"ltp",
+        b"2147483648": b"full",
+        b"4294967296": b"ltp",
+    }
+    assert decode_subscriptions(raw) == {4294967295: "ltp", 2147483648: "full"}
+
+
+async def test_exists_tells_whether_the_hash_is_there(
+    store: SubscriptionStore, redis: Redis
+) -> None:
+    """The guard's cheap per-second check: a wrong answer either hides a lost set until the
+    next full comparison or turns every round into a full HGETALL (memory growth)."""
+    assert not await store.exists()
+    await store.replace({1: "ltp"})
+    assert await store.exists()
+    await redis.delete(KEY)
+    assert not await store.exists()
+
+
+async def test_without_info_the_restart_guard_is_disabled_and_said_so_once(
+    store: SubscriptionStore, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fakeredis refuses INFO, as an ACL or a proxy may: the bridge says once that it cannot
+    tell a restart, not at every read (the guard reads every few seconds), and stops asking."""
+    with capture_logs() as logs:
+        await store.load()
+        info = Calls(monkeypatch, redis, "info")
+        await store.replace({1: "ltp"})
+        await redis.delete(KEY)
+        assert await store.load() == {}  # a DEL, followed: nothing tells it from a restart
+        assert await store.load() == {}
+    assert [e["event"] for e in logs] == ["redis_run_id_unavailable"]
+    assert info.count == 0
+
+
+async def test_a_restart_after_the_start_up_merge_keeps_the_merged_tokens(
+    store: SubscriptionStore, redis: Redis, server: Server
+) -> None:
+    """The merge must remember the set it wrote: remembering the set read before it, a later
+    restart without persistence wrote that back and BRIDGE_SUBSCRIBE's tokens were lost."""
+    await redis.hset(KEY, mapping={"1": "ltp"})
+    assert await store.merge({2: "full"}) == {1: "ltp", 2: "full"}
+    assert store.known == {1: "ltp", 2: "full"}
+    await redis.flushall()
+    server.run_id = "second"
+    assert await store.load() == {1: "ltp", 2: "full"}
+    assert await redis.hgetall(KEY) == {b"1": b"ltp", b"2": b"full"}
+
+
+@pytest.mark.redis
+async def test_a_real_restart_without_persistence_gets_the_set_back(
+    private_redis: MakeRedis,
+) -> None:
+    """The restart guard on a real server, with the real INFO run_id (the tests above stand it
+    in): without it a restart that lost the hash passed for an operator's DEL and was followed,
+    every subscription gone."""
+    server = await private_redis()
+    client = create_redis(server.url)
+    store = SubscriptionStore(client, "restart")
+    try:
+        await store.load()
+        await store.replace({256265: "full", 408065: "quote"})
+        await server.kill()
+        await server.start()
+        with capture_logs() as logs:
+            assert await store.load() == {256265: "full", 408065: "quote"}
+        assert await client.hgetall(store.key) == {b"256265": b"full", b"408065": b"quote"}
+        assert store.restored == 1
+        assert [e["event"] for e in logs] == ["subscriptions_restored"]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    ("policy", "restored"),
+    [("noeviction", 0), ("volatile-lru", 0), ("allkeys-lru", 1)],
+)
+async def test_only_an_allkeys_policy_turns_a_vanished_set_into_an_eviction(
+    private_redis: MakeRedis, monkeypatch: pytest.MonkeyPatch, policy: str, restored: int
+) -> None:
+    """A DEL while other keys were evicted: under a policy that can evict the hash it is
+    written back, under one that cannot (only keys with a TTL, or nothing) the operator's DEL
+    is followed; reading the policy wrong undid every `DEL` on a busy cache server."""
+    server = await private_redis("--maxmemory-policy", policy)
+    client = create_redis(server.url)
+    store = SubscriptionStore(client, "policy")
+    evicted = [0]
+
+    async def evicted_keys() -> int:
+        return evicted[0]
+
+    monkeypatch.setattr(store, "_evicted_keys", evicted_keys)
+    try:
+        await store.load()
+        await store.replace({1: "ltp"})
+        await client.delete(store.key)
+        evicted[0] += 3  # another application's keys
+        assert await store.load() == ({1: "ltp"} if restored else {})
+        assert store.restored == restored
+    finally:
+        await client.aclose()
