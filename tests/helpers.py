@@ -34,6 +34,7 @@ __all__ = [
     "QUOTE_KEYS",
     "ROOT",
     "TOKEN",
+    "BlockingSocket",
     "BridgeProcess",
     "Calls",
     "Launch",
@@ -127,6 +128,26 @@ class Calls:
             return await inner(*args, **kwargs)
 
         monkeypatch.setattr(owner, name, counted)
+
+
+class BlockingSocket:
+    """A websocket stand-in whose sends block after the first message (a full write buffer)."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.first = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def send(self, message: str) -> None:
+        if self.sent:
+            await self.release.wait()
+        self.sent.append(message)
+        self.first.set()
+
+    def subscribed(self) -> set[int]:
+        """Every token a ``subscribe`` message sent so far named."""
+        messages = [orjson.loads(m) for m in self.sent]
+        return {token for m in messages if m["a"] == "subscribe" for token in m["v"]}
 
 
 def free_port() -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,17 @@ def test_the_operators_guide_shows_the_acl_the_bridge_is_tested_with() -> None:
     assert ACL_OPTIONAL_COMMANDS == ("info", "config|get", "role")  # the three the guide names
 
 
+async def _woken_by(pause: Awaitable[None], trigger: Callable[[], None], within: float) -> bool:
+    """Whether ``trigger`` ends ``pause`` (a long wait) within ``within`` seconds."""
+    task = asyncio.ensure_future(pause)
+    await asyncio.sleep(0.02)
+    trigger()
+    done, _ = await asyncio.wait({task}, timeout=within)
+    task.cancel()
+    await asyncio.wait({task})
+    return bool(done)
+
+
 async def test_a_loop_backing_off_is_woken_when_another_loop_reaches_redis() -> None:
     """After a long outage the publisher may be 5 s into its backoff when Redis returns; the
     status writer, trying every half second, gets there first and wakes it."""
@@ -136,33 +147,14 @@ async def test_a_loop_backing_off_is_woken_when_another_loop_reaches_redis() -> 
     status = Outage("status", Log(), recovery=recovery)
     status.failed(ConnectionError("down"))
     publish.failed(ConnectionError("down"))
-    started = time.monotonic()
-    pausing = asyncio.create_task(publish.pause(60))
-    await asyncio.sleep(0.05)
-    assert not pausing.done()
-    status.recovered()
-    await asyncio.wait_for(pausing, 5)
-    assert time.monotonic() - started < 5
+    assert await _woken_by(publish.pause(60), status.recovered, within=5)
     # Only a recovery from an outage wakes the others: a success of a healthy loop does not.
-    pausing = asyncio.create_task(publish.pause(0.3))
-    await asyncio.sleep(0.05)
-    status.recovered()
-    await asyncio.sleep(0.05)
-    assert not pausing.done()
-    await pausing
+    assert not await _woken_by(publish.pause(60), status.recovered, within=0.3)
 
 
 async def test_a_private_recovery_wakes_nobody_else_and_stop_ends_a_pause() -> None:
     alone, other = Outage("resync", Log()), Outage("status", Log())
     other.failed(ConnectionError("down"))
-    pausing = asyncio.create_task(alone.pause(0.3))
-    await asyncio.sleep(0.05)
-    other.recovered()
-    await asyncio.sleep(0.05)
-    assert not pausing.done()
-    await pausing
+    assert not await _woken_by(alone.pause(60), other.recovered, within=0.3)
     stop = asyncio.Event()
-    pausing = asyncio.create_task(alone.pause(60, stop))
-    await asyncio.sleep(0.05)
-    stop.set()
-    await asyncio.wait_for(pausing, 5)
+    assert await _woken_by(alone.pause(60, stop), stop.set, within=5)

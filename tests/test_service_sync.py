@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
-import fakeredis
 import orjson
 import pytest
-from helpers import wait_until
+from helpers import BlockingSocket, wait_until
 from pydantic import SecretStr
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -28,14 +26,7 @@ KEY = f"{NS}:subscriptions"
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[Redis]:
-    client = fakeredis.FakeAsyncRedis()
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def bridge(redis: Redis) -> Bridge:
+def bridge(redis: Redis) -> Bridge:  # ``redis``: fakeredis, from tests/conftest.py
     settings = Settings(
         kite_api_key="k",
         kite_access_token=SecretStr("t"),
@@ -44,25 +35,6 @@ def bridge(redis: Redis) -> Bridge:
         http_port=0,
     )
     return Bridge(settings, redis=redis, install_signals=False)
-
-
-class SlowSocket:
-    """A websocket whose sends block after the first message (a full write buffer)."""
-
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-        self.first = asyncio.Event()
-        self.release = asyncio.Event()
-
-    async def send(self, message: str) -> None:
-        if self.sent:
-            await self.release.wait()
-        self.sent.append(message)
-        self.first.set()
-
-    def subscribed(self) -> set[int]:
-        messages = [orjson.loads(m) for m in self.sent]
-        return {token for m in messages if m["a"] == "subscribe" for token in m["v"]}
 
 
 @pytest.mark.parametrize(
@@ -94,7 +66,7 @@ async def test_a_resync_cancelled_by_the_next_connect_mid_send_leaves_nothing_un
     bridge.feed.batch_size = 1
     await bridge.feed.reconcile({1: "ltp"})
     await redis.hset(KEY, mapping={"1": "ltp", "2": "ltp", "3": "ltp"})
-    ws = SlowSocket()
+    ws = BlockingSocket()
     bridge.feed._ws = ws  # type: ignore[assignment]
     bridge._on_connect(bridge.feed)
     old = bridge._resync_task
